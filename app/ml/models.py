@@ -1,0 +1,123 @@
+"""Loading causal LMs: the demo model, a local folder, a hub id, or a GGUF file.
+
+Device and dtype follow the hardware unless told otherwise: CUDA with bfloat16 when a GPU is
+present, CPU with float32 otherwise. Every loaded model is put in eval mode with gradients off;
+editing code turns gradients on for exactly the parameter it tunes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from app.ml.arch import ModelAdapter
+from app.ml.demo import demo_model_dir
+from app.ml.errors import InputError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer, and the facts the rest of `app.ml` needs about it."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    adapter: ModelAdapter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.adapter = ModelAdapter(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def context_length(self) -> int:
+        config = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise InputError(f"unknown device {device!r}") from exc
+
+
+def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)} or auto")
+    return DTYPES[dtype]
+
+
+def load_model(
+    source: str = "demo",
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load `source`: "demo", a folder, a `.gguf` file, or a Hugging Face hub id."""
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(torch_device, dtype)
+    path = Path(source).expanduser()
+    if source == "demo":
+        model, tokenizer = _read_folder(demo_model_dir(cache_dir), torch_dtype)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise InputError(f"GGUF file not found: {source}")
+        model, tokenizer = read_gguf(path, torch_dtype)
+    elif path.exists() and not (path / "config.json").exists():
+        raise InputError(f"{source}: not a model folder (no config.json)")
+    else:
+        model, tokenizer = _read_folder(path if path.exists() else source, torch_dtype)
+    model.to(torch_device)
+    model.eval()
+    model.requires_grad_(False)
+    _ensure_pad_token(tokenizer)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=source)
+
+
+def read_gguf(path: Path, dtype: torch.dtype = torch.float32):
+    """Read a GGUF file into a plain (de-quantised, serialisable) transformers model."""
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # The weights are already de-quantised: forget the GGUF quantiser so the model can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def _read_folder(source: Path | str, dtype: torch.dtype):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise InputError(f"cannot load model {str(source)!r}: {exc}") from exc
+    return model, tokenizer
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

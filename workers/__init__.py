@@ -1,0 +1,1 @@
+"""Celery workers that run edit jobs (the service issue fills this package in)."""
