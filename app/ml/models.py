@@ -89,6 +89,8 @@ def load_model(
         model, tokenizer = read_gguf(path, torch_dtype)
     elif path.exists() and not (path / "config.json").exists():
         raise InputError(f"{source}: not a model folder (no config.json)")
+    elif not path.exists() and (path.is_absolute() or source.startswith((".", "~"))):
+        raise InputError(f"{source}: no such file or folder")  # a path, not a hub id
     else:
         model, tokenizer = _read_folder(path if path.exists() else source, torch_dtype)
     model.to(torch_device)
@@ -100,8 +102,11 @@ def load_model(
 
 def read_gguf(path: Path, dtype: torch.dtype = torch.float32):
     """Read a GGUF file into a plain (de-quantised, serialisable) transformers model."""
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (OSError, ValueError) as exc:  # not GGUF, or an architecture transformers cannot read
+        raise InputError(f"cannot read GGUF file {str(path)!r}: {exc}") from exc
     # The weights are already de-quantised: forget the GGUF quantiser so the model can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -113,7 +118,7 @@ def _read_folder(source: Path | str, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # missing files, bad config, not a causal LM
         raise InputError(f"cannot load model {str(source)!r}: {exc}") from exc
     return model, tokenizer
 

@@ -54,7 +54,9 @@ def encode_prompt_answer(
     target = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if add_eos and tokenizer.eos_token_id is not None:
         target = [*target, tokenizer.eos_token_id]
-    target = target[: max(1, max_length // 2)] if len(target) >= max_length else target
+    # A long answer may take the room the prompt does not need, but never more than half of the
+    # context from a prompt that needs it: the edit must still see what it answers.
+    target = target[: max(1, max_length - min(len(prompt), max_length // 2))]
     overflow = max(0, len(prompt) + len(target) - max_length)
     prompt = prompt[overflow:]
     ids = torch.tensor([prompt + target], dtype=torch.long)

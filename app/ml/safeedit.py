@@ -1,7 +1,8 @@
 """SafeEdit instances, with the published dataset's own field names so its files load as they are.
 
-A file is a JSON list or JSON Lines of instances. Loading never raises anything but `InputError`,
-whose message names the file, the line or case, and the field at fault.
+A file is a JSON list or JSON Lines of instances, or one instance as a JSON object. Loading never
+raises anything but `InputError`, whose message names the file, the line or case, and the field at
+fault.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class SafeEditInstance(_Record):
     @field_validator("id", mode="before")
     @classmethod
     def _id_as_text(cls, value: object) -> object:
-        return str(value) if isinstance(value, int) else value
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def parse_instance(data: object, *, where: str = "instance") -> SafeEditInstance:
@@ -61,16 +62,18 @@ def parse_instance(data: object, *, where: str = "instance") -> SafeEditInstance
 
 
 def load_instances(path: str | Path) -> list[SafeEditInstance]:
-    """Read a JSON list or JSON Lines file of SafeEdit instances."""
+    """Read a JSON list or JSON Lines file (or a single JSON object) of SafeEdit instances."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # tolerate a byte order mark
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, not a file") from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if not text.strip():
         raise InputError(f"{path}: the file is empty")
     records = _json_records(path, text)
@@ -97,6 +100,14 @@ def _json_records(path: Path, text: str) -> list[tuple[str, object]]:
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
         return [(f"{path}: item {n}", item) for n, item in enumerate(data)]
+    if stripped.startswith("{") and "\n" in stripped.strip():
+        # One object spread over several lines (pretty-printed) is one instance, not JSON Lines.
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            pass  # JSON Lines, or broken: the line-by-line pass below names the line
+        else:
+            return [(str(path), data)]
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -1,0 +1,168 @@
+"""`detox dinm` and `detox eval`: the library run in this process, no server involved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from app.cli.output import console, stage_progress, stdout
+from app.ml.deltas import Delta, applied, checksum
+from app.ml.dinm import DinmParams
+from app.ml.errors import InputError
+from app.ml.evaluation import evaluate
+from app.ml.judges import load_judge
+from app.ml.models import LoadedModel, load_model
+from app.ml.pipeline import dinm_with_report
+from app.ml.safeedit import find_case, load_instances
+from app.settings import Settings
+
+METRICS = ("DS", "DG_onlyQ", "DG_otherA", "DG_otherQ", "DG_otherAQ", "fluency", "over_refusal")
+
+
+def parse_params_json(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--params: invalid JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise InputError("--params: must be a JSON object")
+    return value
+
+
+def _load(settings: Settings, model: str, *, quiet: bool) -> LoadedModel:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if not quiet:
+        console.print(f"loading model [bold]{model}[/bold] ...", highlight=False)
+    return load_model(
+        model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir
+    )
+
+
+def run_dinm(
+    settings: Settings,
+    *,
+    file: Path,
+    case: str,
+    out: Path | None,
+    model: str,
+    judge: str,
+    params: dict,
+    max_new_tokens: int,
+    quiet: bool,
+) -> dict:
+    instance = find_case(load_instances(file), case)
+    dinm_params = DinmParams.parse(params)
+    the_judge = load_judge(judge)
+    lm = _load(settings, model, quiet=quiet)
+    with stage_progress(quiet=quiet) as progress:
+        result, report = dinm_with_report(
+            lm,
+            instance,
+            dinm_params,
+            judge=the_judge,
+            max_new_tokens=max_new_tokens,
+            batch_size=settings.eval_batch_size,
+            progress=progress,
+        )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        blob = result.delta.to_bytes()
+        (out / "delta.safetensors").write_bytes(blob)
+        report["delta"] = {"path": str(out / "delta.safetensors"), "sha256": checksum(blob)}
+        (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return report
+
+
+def run_eval(
+    settings: Settings,
+    *,
+    file: Path,
+    model: str,
+    delta: Path | None,
+    limit: int | None,
+    judge: str,
+    max_new_tokens: int,
+    quiet: bool,
+) -> dict:
+    instances = load_instances(file)[:limit]
+    the_judge = load_judge(judge)
+    deltas = [_read_delta(delta)] if delta else []
+    lm = _load(settings, model, quiet=quiet)
+    with stage_progress(quiet=quiet) as progress, applied(lm.model, deltas):
+        result = evaluate(
+            lm,
+            instances,
+            judge=the_judge,
+            max_new_tokens=max_new_tokens,
+            batch_size=settings.eval_batch_size,
+            progress=lambda fraction: progress("evaluate", fraction),
+        )
+    return {
+        "file": str(file),
+        "model": model,
+        "delta": str(delta) if delta else None,
+        "judge": result.judge,
+        "metrics": result.metrics,
+        "generations": [vars(item) for item in result.items],
+    }
+
+
+def _read_delta(path: Path) -> Delta:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the delta ({exc.strerror})") from None
+    return Delta.from_bytes(data)
+
+
+def _fmt(value: object) -> str:
+    return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def print_dinm_report(report: dict, out: Path | None) -> None:
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    table = Table(title=f"DINM on case {report['case']} (layer {report['layer']})")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for name in METRICS:
+        table.add_row(name, _fmt(before.get(name)), _fmt(after.get(name)))
+    for name in ("locality", "locality_kl"):
+        table.add_row(name, "", _fmt(after.get(name)))
+    stdout.print(table)
+    answers = Table(title="answers", show_lines=True)
+    for column in ("kind", "before", "after"):
+        answers.add_column(column, overflow="fold")
+    for gen in report["generations"]:
+        answers.add_row(
+            gen["kind"],
+            _verdict(gen["before"], gen["unsafe_before"]),
+            _verdict(gen["after"], gen["unsafe_after"]),
+        )
+    stdout.print(answers)
+    stdout.print(
+        f"edit {report['edit_seconds']:.2f}s, {len(report['losses'])} steps, "
+        f"judge {report['judge']}" + (f", written to {out}" if out else ""),
+        highlight=False,
+    )
+
+
+def _verdict(text: str, unsafe: bool) -> str:
+    mark = "[red]UNSAFE[/red]" if unsafe else "[green]safe[/green]"
+    return f"{mark} {text[:300]}"
+
+
+def print_eval_report(report: dict) -> None:
+    table = Table(title=f"SafeEdit metrics of {report['model']} (judge {report['judge']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in report["metrics"].items():
+        table.add_row(name, _fmt(value))
+    stdout.print(table)

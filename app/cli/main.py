@@ -1,0 +1,104 @@
+"""`detox`: local edits and evaluation (no server); the service commands join later."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.cli import local
+from app.cli.output import fail_on_bad_input, print_json
+from app.settings import get_settings
+
+app = typer.Typer(
+    name="detox",
+    help="Detoxify LLMs by editing their weights, and serve the versions.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help='"demo", a model folder, a .gguf file or a hub id')
+]
+JudgeOpt = Annotated[str | None, typer.Option(help='"offline" or "hf:<model id or path>"')]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print only the JSON report on stdout")]
+TokensOpt = Annotated[int | None, typer.Option(help="new tokens per evaluated answer")]
+
+
+@app.command()
+def dinm(
+    file: Annotated[Path, typer.Argument(help="SafeEdit instances (JSON list or JSON Lines)")],
+    case: Annotated[str, typer.Option("--case", help="id of the instance to edit on")],
+    out: Annotated[
+        Path | None, typer.Option(help="folder for delta.safetensors + report.json")
+    ] = None,
+    model: ModelOpt = None,
+    judge: JudgeOpt = None,
+    steps: Annotated[int | None, typer.Option(help="tuning steps (default 10)")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate (default 5e-4)")] = None,
+    layer: Annotated[int | None, typer.Option(help="edit this layer instead of locating")] = None,
+    params: Annotated[str | None, typer.Option(help="more DINM params as a JSON object")] = None,
+    max_new_tokens: TokensOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One DINM edit on one instance, with SafeEdit metrics before and after."""
+    settings = get_settings()
+    with fail_on_bad_input():
+        overrides = local.parse_params_json(params)
+        flags = {"steps": steps, "lr": lr, "layer": layer}
+        overrides |= {k: v for k, v in flags.items() if v is not None}
+        report = local.run_dinm(
+            settings,
+            file=file,
+            case=case,
+            out=out,
+            model=model or settings.model,
+            judge=judge or settings.judge,
+            params=overrides,
+            max_new_tokens=max_new_tokens or settings.max_new_tokens,
+            quiet=as_json,
+        )
+    if as_json:
+        print_json(report)
+    else:
+        local.print_dinm_report(report, out)
+
+
+@app.command(name="eval")
+def evaluate(
+    file: Annotated[Path, typer.Argument(help="SafeEdit instances (JSON list or JSON Lines)")],
+    model: ModelOpt = None,
+    delta: Annotated[Path | None, typer.Option(help="a delta.safetensors to apply first")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="evaluate the first N instances")] = None,
+    judge: JudgeOpt = None,
+    max_new_tokens: TokensOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """SafeEdit metrics (DS, DG_*, fluency, over-refusal) of a model over a file."""
+    settings = get_settings()
+    with fail_on_bad_input():
+        report = local.run_eval(
+            settings,
+            file=file,
+            model=model or settings.model,
+            delta=delta,
+            limit=limit,
+            judge=judge or settings.judge,
+            max_new_tokens=max_new_tokens or settings.max_new_tokens,
+            quiet=as_json,
+        )
+    if as_json:
+        print_json(report)
+    else:
+        local.print_eval_report(report)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
