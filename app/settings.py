@@ -6,8 +6,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DATABASE_SCHEMES = ("sqlite", "postgresql")
+_BROKER_SCHEMES = ("filesystem", "redis", "rediss", "amqp", "memory", "sqla+")
 
 
 class Settings(BaseSettings):
@@ -23,6 +26,62 @@ class Settings(BaseSettings):
     judge: str = Field("offline", description='"offline" or "hf:<model id or path>"')
     max_new_tokens: int = Field(64, ge=1, le=4096, description="evaluation generation length")
     eval_batch_size: int = Field(8, ge=1, le=256)
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL (sqlite:///... or postgresql+psycopg://...); "
+        "default: SQLite under `home` (see `resolved_database_url`)",
+    )
+    broker_url: str | None = Field(
+        None,
+        description="Celery broker URL (redis://... in production); "
+        "default: kombu's filesystem transport under `home` (see `resolved_broker_url`)",
+    )
+    job_max_attempts: int = Field(3, ge=1, le=100, description="claims of a job before it fails")
+    job_heartbeat_timeout_s: float = Field(
+        120.0, gt=0, description="a running job whose heartbeat is older than this is stale"
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is not None and value.split(":", 1)[0].split("+", 1)[0] not in _DATABASE_SCHEMES:
+            raise ValueError(f"must be a sqlite:// or postgresql:// URL, not {value!r}")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(_BROKER_SCHEMES):
+            raise ValueError(f"unsupported broker URL {value!r}")
+        return value
+
+    def home_dir(self) -> Path:
+        """`home` as an absolute path, created when missing."""
+        path = self.home.expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def resolved_database_url(self) -> str:
+        """`database_url`, or `sqlite:///{home}/detox.db` (creating `home`) when unset."""
+        if self.database_url is not None:
+            return self.database_url
+        return f"sqlite:///{self.home_dir() / 'detox.db'}"
+
+    def resolved_broker_url(self) -> str:
+        """`broker_url`, or `filesystem://` (folders: `broker_folders`) when unset."""
+        return self.broker_url if self.broker_url is not None else "filesystem://"
+
+    def broker_folders(self) -> dict[str, Path]:
+        """Folders of the filesystem transport under `{home}/broker`, created when missing.
+
+        As kombu's transport options: `data_folder_in` and `data_folder_out` are one folder (the
+        queue, shared by producer and consumer), `processed_folder` keeps consumed messages.
+        """
+        root = self.home_dir() / "broker"
+        folders = {"data_folder_in": root / "queue", "processed_folder": root / "processed"}
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        return {**folders, "data_folder_out": folders["data_folder_in"]}
 
 
 @lru_cache

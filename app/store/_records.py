@@ -1,0 +1,74 @@
+"""Uploaded corpora and API keys (stored as hashes only; hashing is the API's business)."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.store._types import utcnow
+from app.store.errors import NotFound
+from app.store.models import ROLES, ApiKey, Corpus
+
+
+def create_corpus(*, session: Session, name: str, text: str) -> Corpus:
+    """Store an unlearning corpus (one example a line); counts lines and bytes, hashes the text."""
+    data = text.encode("utf-8")
+    corpus = Corpus(
+        id=str(uuid.uuid4()),
+        name=name,
+        lines=sum(1 for line in text.splitlines() if line.strip()),
+        nbytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        text=text,
+    )
+    session.add(corpus)
+    session.commit()
+    return corpus
+
+
+def get_corpus(*, session: Session, corpus_id: str) -> Corpus:
+    corpus = session.get(Corpus, corpus_id)
+    if corpus is None:
+        raise NotFound(f"no corpus {corpus_id!r}")
+    return corpus
+
+
+def list_corpora(*, session: Session) -> list[Corpus]:
+    """Oldest first."""
+    return list(session.scalars(select(Corpus).order_by(Corpus.created_at, Corpus.id)))
+
+
+def create_api_key(*, session: Session, name: str, key_hash: str, role: str) -> ApiKey:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+    key = ApiKey(name=name, key_hash=key_hash, role=role)
+    session.add(key)
+    session.commit()
+    return key
+
+
+def get_api_key(*, session: Session, key_hash: str) -> ApiKey | None:
+    """The unrevoked key with this hash, or None."""
+    query = select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+    return session.scalars(query).one_or_none()
+
+
+def list_api_keys(*, session: Session, include_revoked: bool = False) -> list[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.id)
+    if not include_revoked:
+        query = query.where(ApiKey.revoked_at.is_(None))
+    return list(session.scalars(query))
+
+
+def revoke_api_key(*, session: Session, key_id: int) -> ApiKey:
+    """Revoke (idempotent: a revoked key keeps its first revocation time)."""
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise NotFound(f"no API key with id {key_id}")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.commit()
+    return key
