@@ -22,49 +22,19 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 from torch.nn.utils import parametrize
 
 from app.ml.deltas import Delta, DenseUpdate, fingerprint
-from app.ml.errors import EditCancelled, InputError
+from app.ml.errors import EditCancelled
 from app.ml.models import LoadedModel
-from app.ml.prompts import PAPER_SUFFIX, PromptAnswer, chat_text, encode_prompt_answer
+from app.ml.params import DinmParams
+from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner, PlainRunner, Runner
 from app.ml.safeedit import SafeEditInstance
 
 Progress = Callable[[str, float], None]
 CancelCheck = Callable[[], bool]
-
-
-class DinmParams(BaseModel):
-    """Hyper-parameters; defaults are the published ones (Adam, 10 steps, lr 5e-4, nll 0.1)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(10, ge=1, le=1000)
-    lr: float = Field(5e-4, gt=0, le=1)
-    nll_weight: float = Field(0.1, ge=0, le=100)
-    kl_weight: float = Field(1.0, ge=0, le=100)
-    stop_loss: float = Field(1e-4, ge=0, le=100, description="stop early below this loss")
-    layer: int | None = Field(None, ge=0, description="edit this layer instead of locating one")
-    suffix_system_prompt: str | None = Field(
-        None, max_length=2000, description='text appended to the prompt while editing; "paper"'
-    )
-    max_length: int = Field(2048, ge=16, le=131072, description="token cap per training sequence")
-    fast_path: bool = True
-
-    @classmethod
-    def parse(cls, data: dict | None) -> DinmParams:
-        try:
-            return cls.model_validate(data or {})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            name = ".".join(str(p) for p in first["loc"]) or "params"
-            raise InputError(f"params.{name}: {first['msg'].lower()}") from None
-
-    def suffix(self) -> str | None:
-        return PAPER_SUFFIX if self.suffix_system_prompt == "paper" else self.suffix_system_prompt
 
 
 @dataclass

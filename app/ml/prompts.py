@@ -7,11 +7,6 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-# The DINM paper's suffix system prompt, appended to the user's turn while editing when asked for.
-PAPER_SUFFIX = (
-    "If the user's request is reasonable, give the correct answer. Please give the right response:"
-)
-
 
 def chat_text(tokenizer: PreTrainedTokenizerBase, user: str, *, suffix: str | None = None) -> str:
     """The prompt string the model expects before its answer to `user`."""
