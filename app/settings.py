@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DATABASE_SCHEMES = ("sqlite", "postgresql")
@@ -40,6 +40,33 @@ class Settings(BaseSettings):
     job_heartbeat_timeout_s: float = Field(
         120.0, gt=0, description="a running job whose heartbeat is older than this is stale"
     )
+    job_max_retries: int = Field(
+        5, ge=0, le=100, description="retries of a job's task after transient errors (DB, broker)"
+    )
+    job_retry_backoff_s: float = Field(2.0, gt=0, description="first retry delay; then doubles")
+    job_retry_backoff_max_s: float = Field(120.0, gt=0, description="cap of the retry delay")
+    job_soft_time_limit_s: float = Field(
+        3600.0, gt=0, description="a job still running after this fails (checked between steps)"
+    )
+    job_time_limit_s: float = Field(
+        3900.0, gt=0, description="hard limit: the task is killed (prefork pool only)"
+    )
+    broker_visibility_timeout_s: float = Field(
+        7200.0,
+        gt=0,
+        description="Redis: an unacknowledged task is redelivered after this; must exceed "
+        "`job_time_limit_s`, or long jobs would be delivered twice",
+    )
+    broker_connect_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="give up reaching the broker (enqueue, ping) after this"
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads of torch in a worker (default: torch's)"
+    )
+    url: str = Field(
+        "http://127.0.0.1:8000", description="the API's address, for the CLI clients (DETOX_URL)"
+    )
+    api_key: str | None = Field(None, description="the CLI clients' key (DETOX_API_KEY)")
 
     @field_validator("database_url")
     @classmethod
@@ -48,12 +75,27 @@ class Settings(BaseSettings):
             raise ValueError(f"must be a sqlite:// or postgresql:// URL, not {value!r}")
         return value
 
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
+        return value.rstrip("/")
+
     @field_validator("broker_url")
     @classmethod
     def _check_broker_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(_BROKER_SCHEMES):
             raise ValueError(f"unsupported broker URL {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _check_time_limits(self) -> Settings:
+        if self.job_time_limit_s <= self.job_soft_time_limit_s:
+            raise ValueError("job_time_limit_s must exceed job_soft_time_limit_s")
+        if self.broker_visibility_timeout_s <= self.job_time_limit_s:
+            raise ValueError("broker_visibility_timeout_s must exceed job_time_limit_s")
+        return self
 
     def home_dir(self) -> Path:
         """`home` as an absolute path, created when missing."""
@@ -75,10 +117,15 @@ class Settings(BaseSettings):
         """Folders of the filesystem transport under `{home}/broker`, created when missing.
 
         As kombu's transport options: `data_folder_in` and `data_folder_out` are one folder (the
-        queue, shared by producer and consumer), `processed_folder` keeps consumed messages.
+        queue, shared by producer and consumer), `processed_folder` keeps consumed messages,
+        `control_folder` holds the exchange bindings (kombu's default is `./control`).
         """
         root = self.home_dir() / "broker"
-        folders = {"data_folder_in": root / "queue", "processed_folder": root / "processed"}
+        folders = {
+            "data_folder_in": root / "queue",
+            "processed_folder": root / "processed",
+            "control_folder": root / "control",
+        }
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
         return {**folders, "data_folder_out": folders["data_folder_in"]}

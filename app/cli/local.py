@@ -21,18 +21,6 @@ from app.settings import Settings
 METRICS = ("DS", "DG_onlyQ", "DG_otherA", "DG_otherQ", "DG_otherAQ", "fluency", "over_refusal")
 
 
-def parse_params_json(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--params: invalid JSON: {exc.msg}") from None
-    if not isinstance(value, dict):
-        raise InputError("--params: must be a JSON object")
-    return value
-
-
 def _load(settings: Settings, model: str, *, quiet: bool) -> LoadedModel:
     import transformers
 

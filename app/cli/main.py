@@ -1,4 +1,8 @@
-"""`detox`: local edits and evaluation (no server); the service commands join later."""
+"""`detox`: local edits and evaluation (no server), the service processes (`api`, `worker`, `up`)
+and the API's clients (`jobs`, `versions`).
+
+`app.cli.local` (torch) is imported only by the commands that need it, so clients start fast.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from app.cli import local
-from app.cli.output import fail_on_bad_input, print_json
+from app.cli import jobs, service, versions
+from app.cli.output import fail_on_bad_input, parse_params_json, print_json
 from app.settings import get_settings
 
 app = typer.Typer(
@@ -45,9 +49,11 @@ def dinm(
     as_json: JsonOpt = False,
 ) -> None:
     """One DINM edit on one instance, with SafeEdit metrics before and after."""
+    from app.cli import local
+
     settings = get_settings()
     with fail_on_bad_input():
-        overrides = local.parse_params_json(params)
+        overrides = parse_params_json(params)
         flags = {"steps": steps, "lr": lr, "layer": layer}
         overrides |= {k: v for k, v in flags.items() if v is not None}
         report = local.run_dinm(
@@ -78,6 +84,8 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """SafeEdit metrics (DS, DG_*, fluency, over-refusal) of a model over a file."""
+    from app.cli import local
+
     settings = get_settings()
     with fail_on_bad_input():
         report = local.run_eval(
@@ -94,6 +102,11 @@ def evaluate(
         print_json(report)
     else:
         local.print_eval_report(report)
+
+
+service.register(app)
+app.add_typer(jobs.app, name="jobs")
+app.add_typer(versions.app, name="versions")
 
 
 def main() -> None:

@@ -77,6 +77,11 @@ def create_job(
     return job, True
 
 
+def find_job_by_idempotency_key(*, session: Session, key: str) -> Job | None:
+    """The job submitted with this idempotency key, or None (a retry checks this first)."""
+    return _by_idempotency_key(session, key)
+
+
 def _by_idempotency_key(session: Session, key: str) -> Job | None:
     return session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
 
@@ -234,6 +239,21 @@ def update_progress(
         stage=stage[:64],
         progress=progress,
         heartbeat_at=utcnow(),
+    )
+
+
+def release_job(*, session: Session, job_id: str, attempt: int) -> bool:
+    """Give a claim back after a transient failure (the task will be retried): running (in
+    `attempt`) -> `queued`, and the claim does not count against the attempt cap. False when the
+    job is no longer running in that attempt."""
+    return _conditional_update(
+        session,
+        _running(job_id, attempt),
+        status="queued",
+        stage="retrying",
+        progress=0.0,
+        worker=None,
+        attempts=Job.attempts - 1,
     )
 
 

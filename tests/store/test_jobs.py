@@ -257,3 +257,14 @@ def test_claim_steals_a_stale_job_until_the_cap(session: Session):
     )
     failed = crud.get_job(session=session, job_id=job.id)
     assert failed.status == "failed" and failed.error["code"] == "attempts_exhausted"
+
+
+def test_release_gives_the_claim_back_uncounted(session: Session):
+    job = running_job(session)
+    assert not crud.release_job(session=session, job_id=job.id, attempt=job.attempts + 1)
+    assert crud.release_job(session=session, job_id=job.id, attempt=job.attempts)
+    released = crud.get_job(session=session, job_id=job.id)
+    assert (released.status, released.attempts, released.worker) == ("queued", 0, None)
+    assert not crud.release_job(session=session, job_id=job.id, attempt=job.attempts)
+    again = crud.claim_job(session=session, job_id=job.id, worker="w2", max_attempts=1)
+    assert again is not None and again.attempts == 1

@@ -13,8 +13,7 @@ from sqlalchemy import inspect
 from app.store import migrate
 from app.store.db import make_engine
 from app.store.models import Base
-
-from .conftest import BACKENDS
+from tests.conftest import BACKENDS
 
 TABLES = {"jobs", "versions", "deltas", "corpora", "api_keys"}
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,6 +1,7 @@
-"""One migrated database per backend for the whole session (SQLite in a temporary folder, a fresh
-PostgreSQL database made through the `test` database), emptied after every test and dropped at
-the end. Tests that take `session` run once per backend."""
+"""Shared fixtures. One migrated database per backend for the whole session (SQLite in a temporary
+folder, a fresh PostgreSQL database made through the `test` database), emptied after every test
+and dropped at the end. Tests that take `session`, `session_factory` or `store_engine` run once
+per backend (store, API and worker tests alike)."""
 
 from __future__ import annotations
 

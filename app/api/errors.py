@@ -1,0 +1,151 @@
+"""One error envelope, `{"error": {"message", "type", "param", "code"}}`, built by one helper and
+emitted by every exception handler (validation, HTTP, store, broker, and anything unexpected)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from app.store import errors as store_errors
+
+log = logging.getLogger(__name__)
+
+# `type` values, OpenAI-style: what kind of failure, for clients that branch on it.
+INVALID_REQUEST = "invalid_request_error"
+NOT_FOUND = "not_found_error"
+CONFLICT = "conflict_error"
+UNAVAILABLE = "service_unavailable_error"
+INTERNAL = "internal_error"
+
+_TYPE_BY_STATUS = {404: NOT_FOUND, 409: CONFLICT, 503: UNAVAILABLE}
+_LOCATIONS = ("body", "query", "path", "header", "cookie")
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    type: str,
+    param: str | None = None,
+    code: str | None = None,
+    *,
+    extra: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The one way this API answers an error; `extra` adds top-level keys beside `error`."""
+    content = error_body(message, type, param, code) | (extra or {})
+    return JSONResponse(content, status_code=status, headers=headers)
+
+
+class ApiError(Exception):
+    """Raised by routes for an error whose status, param and code they know best."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _TYPE_BY_STATUS.get(status, INVALID_REQUEST)
+        self.param = param
+        self.code = code
+
+
+def param_name(loc: Sequence[str | int]) -> str | None:
+    """("body", "params", "lr") -> "params.lr"; the request part ("body", "query") is dropped."""
+    parts = list(loc)
+    if parts and parts[0] in _LOCATIONS:
+        parts = parts[1:]
+    return ".".join(str(p) for p in parts) or None
+
+
+def _validation_message(error: dict[str, Any], param: str | None) -> str:
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"{param}: {message}" if param else message
+
+
+def _status_type(status: int) -> str:
+    if status in _TYPE_BY_STATUS:
+        return _TYPE_BY_STATUS[status]
+    return INTERNAL if status >= 500 else INVALID_REQUEST
+
+
+async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    first = errors[0] if errors else {}
+    param = param_name(first.get("loc", ()))
+    if first.get("type") == "json_invalid":
+        param = None
+    message = _validation_message(first, param)
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more)"
+    return error_response(422, message, INVALID_REQUEST, param, first.get("type"))
+
+
+async def _on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+
+async def _on_http(_request: Request, exc: HTTPException) -> JSONResponse:
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(exc.status_code, message, _status_type(exc.status_code), headers=headers)
+
+
+_STORE_ERRORS: dict[type[Exception], tuple[int, str, str]] = {
+    store_errors.NotFound: (404, NOT_FOUND, "not_found"),
+    store_errors.DuplicateVersionName: (409, CONFLICT, "duplicate_version_name"),
+    store_errors.VersionHasChildren: (409, CONFLICT, "version_has_children"),
+    store_errors.InvalidCursor: (400, INVALID_REQUEST, "invalid_cursor"),
+    store_errors.InvalidVersionName: (422, INVALID_REQUEST, "invalid_version_name"),
+}
+_STORE_PARAMS: dict[type[Exception], str] = {
+    store_errors.InvalidCursor: "cursor",
+    store_errors.DuplicateVersionName: "name",
+    store_errors.InvalidVersionName: "name",
+}
+
+
+async def _on_store(_request: Request, exc: Exception) -> JSONResponse:
+    for cls, (status, type_, code) in _STORE_ERRORS.items():
+        if isinstance(exc, cls):
+            return error_response(status, str(exc), type_, _STORE_PARAMS.get(cls), code)
+    return await _on_unexpected(_request, exc)
+
+
+async def _on_broker(_request: Request, exc: Exception) -> JSONResponse:
+    message = f"the job queue is unavailable: {exc}"
+    return error_response(503, message, UNAVAILABLE, code="broker_unavailable")
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal server error", INTERNAL, code="internal_error")
+
+
+def install_error_handlers(app: FastAPI, *, broker_error: type[Exception]) -> None:
+    """Every error this app can answer goes through `error_response`."""
+    app.add_exception_handler(RequestValidationError, _on_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, _on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _on_http)  # type: ignore[arg-type]
+    for cls in _STORE_ERRORS:
+        app.add_exception_handler(cls, _on_store)
+    app.add_exception_handler(broker_error, _on_broker)
+    app.add_exception_handler(Exception, _on_unexpected)

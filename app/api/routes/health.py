@@ -1,0 +1,76 @@
+"""/healthz (the process answers) and /readyz (database, broker and model are usable)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from app.api.deps import BrokerDep, SettingsDep
+from app.api.errors import UNAVAILABLE, error_response
+from app.api.schemas import CheckResult, Readiness
+from app.ml.demo import DEMO_NAME
+from app.settings import Settings
+from app.store.db import ping
+
+router = APIRouter(tags=["health"])
+BROKER_TIMEOUT_S = 2.0
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"description": "not ready: the envelope plus `checks`"}},
+)
+def readyz(request: Request, settings: SettingsDep, broker: BrokerDep) -> JSONResponse:
+    checks = {
+        "database": _check(lambda: ping(request.app.state.engine), "reachable"),
+        "broker": _check(lambda: broker.ping(BROKER_TIMEOUT_S), "reachable"),
+        "model": model_check(settings),
+    }
+    body = {name: check.model_dump() for name, check in checks.items()}
+    failed = [name for name, check in checks.items() if not check.ok]
+    if not failed:
+        return JSONResponse({"status": "ready", "checks": body})
+    reasons = "; ".join(f"{name}: {checks[name].detail}" for name in failed)
+    return error_response(
+        503, f"not ready: {reasons}", UNAVAILABLE, code="not_ready", extra={"checks": body}
+    )
+
+
+def _check(probe: Callable[[], object], ok_detail: str) -> CheckResult:
+    try:
+        probe()
+    except Exception as exc:
+        detail = f"{type(exc).__name__}: {exc}".strip()
+        return CheckResult(ok=False, detail=detail.splitlines()[0][:300])
+    return CheckResult(ok=True, detail=ok_detail)
+
+
+def model_check(settings: Settings) -> CheckResult:
+    """The configured model can be loaded by a worker: no loading here, only where it comes from."""
+    model = settings.model
+    if model == "demo":
+        folder = Path(settings.cache_dir).expanduser() / "models" / DEMO_NAME
+        if (folder / "config.json").is_file():
+            return CheckResult(ok=True, detail=f"demo model converted at {folder}")
+        missing = [m for m in ("gguf", "pip") if importlib.util.find_spec(m) is None]
+        if missing:
+            return CheckResult(
+                ok=False, detail=f"demo model not converted and {', '.join(missing)} missing"
+            )
+        return CheckResult(ok=True, detail="demo model is fetched and converted on first use")
+    path = Path(model).expanduser()
+    if path.exists():
+        return CheckResult(ok=True, detail=f"local model at {path}")
+    if model.startswith(("/", ".", "~")) or model.endswith(".gguf"):
+        return CheckResult(ok=False, detail=f"no model at {path}")
+    return CheckResult(ok=True, detail=f"hub id {model!r}, fetched by the worker")

@@ -1,0 +1,5 @@
+"""`python -m app.cli` is `detox`."""
+
+from app.cli.main import main
+
+main()

@@ -1,0 +1,130 @@
+"""The service processes: `detox api`, `detox worker` and `detox up` (API + one worker)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from app.cli.output import console
+from app.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    import uvicorn
+
+HostOpt = Annotated[str, typer.Option(help="address to listen on")]
+PortOpt = Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")]
+GRACEFUL_S = 5  # open event streams get this long to end on shutdown
+WORKER_STOP_S = 20.0  # a worker finishing its step gets this long before it is killed
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(api)
+    app.command()(worker)
+    app.command()(up)
+
+
+def api(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
+    """The HTTP API (production: DETOX_DATABASE_URL, DETOX_BROKER_URL). Migrates first."""
+    settings = get_settings()
+    _migrate(settings)
+    _serve(settings, host, port)
+
+
+def worker() -> None:
+    """One Celery worker (solo pool): runs edit jobs on this machine's accelerator."""
+    from workers.main import run_worker
+
+    code = run_worker(get_settings())
+    if code:
+        raise typer.Exit(code)
+
+
+def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
+    """Everything on this machine: the API and one worker, state under DETOX_HOME (SQLite and a
+    broker that needs no server by default). Ctrl-C stops both."""
+    settings = get_settings()
+    home = settings.home_dir()
+    _migrate(settings)
+    env = {**os.environ, "DETOX_HOME": str(home)}  # the worker must find the same state
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker"],
+        env=env,
+        start_new_session=True,  # Ctrl-C reaches this process only; it stops the worker
+        preexec_fn=_die_with_parent,
+    )
+    console.print(
+        f"detox is up at [bold]http://{host}:{port}[/bold] (docs at /docs), "
+        f"state in {home}, worker pid {proc.pid}; Ctrl-C stops",
+        highlight=False,
+        soft_wrap=True,
+    )
+    # uvicorn re-raises the SIGTERM it shut down on; as an exception it lets `finally` run.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        _serve(settings, host, port, worker=proc)
+    finally:
+        stop_process(proc, timeout=WORKER_STOP_S)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: on Linux, get SIGTERM if `detox up` itself dies (even by
+    SIGKILL), so no worker is left behind."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _migrate(settings: Settings) -> None:
+    from app.store.migrate import upgrade
+
+    upgrade(settings.resolved_database_url())
+
+
+def _serve(
+    settings: Settings, host: str, port: int, *, worker: subprocess.Popen | None = None
+) -> None:
+    import uvicorn
+
+    from app.api.main import create_app
+
+    config = uvicorn.Config(
+        create_app(settings), host=host, port=port, timeout_graceful_shutdown=GRACEFUL_S
+    )
+    server = uvicorn.Server(config)
+    if worker is not None:
+        threading.Thread(target=_stop_when_gone, args=(worker, server), daemon=True).start()
+    server.run()
+    if worker is not None and worker.poll() not in (None, 0):
+        raise typer.Exit(1)
+
+
+def _stop_when_gone(worker: subprocess.Popen, server: uvicorn.Server) -> None:
+    """A worker that dies on its own takes the API down with it (nothing would run the jobs)."""
+    code = worker.wait()
+    if not server.should_exit:
+        console.print(f"[red]the worker exited (status {code}); stopping[/red]", highlight=False)
+        server.should_exit = True
+
+
+def stop_process(proc: subprocess.Popen, *, timeout: float) -> int:
+    """SIGTERM, wait up to `timeout`, then SIGKILL; returns the exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            console.print("the worker did not stop in time; killing it", highlight=False)
+            proc.kill()
+    return proc.wait()

@@ -1,0 +1,125 @@
+"""`detox jobs ...` and `detox versions ...` against a live `detox api` (uvicorn subprocess, SQLite
+under a temporary DETOX_HOME, Redis broker; no worker, so jobs stay queued)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import CASE, closed_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BROKER_URL = "redis://127.0.0.1:6379/7"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DETOX_")}
+    return env | extra
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    home = tmp_path_factory.mktemp("home")
+    port = closed_port()
+    url = f"http://127.0.0.1:{port}"
+    env = _env(DETOX_HOME=str(home), DETOX_BROKER_URL=BROKER_URL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"detox api exited: {proc.stdout.read() if proc.stdout else ''}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("detox api did not come up in 30 s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def detox(url: str, *args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *map(str, args)],
+        cwd=ROOT,
+        env=_env(DETOX_URL=url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def cases(tmp_path: Path) -> Path:
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps([CASE]))
+    return path
+
+
+def test_lists_as_json(server):
+    jobs = detox(server, "jobs", "list", "--json")
+    assert jobs.returncode == 0, jobs.stderr
+    assert set(json.loads(jobs.stdout)) == {"data", "next_cursor"}
+    versions = detox(server, "versions", "list", "--json")
+    assert versions.returncode == 0 and json.loads(versions.stdout) == {"data": []}
+
+
+def test_missing_version_is_one_line_and_nonzero(server):
+    done = detox(server, "versions", "show", "nope")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().count("\n") == 0
+    assert "no version named 'nope'" in done.stderr
+
+
+def test_submit_show_cancel_watch(server, cases):
+    submitted = detox(
+        server, "jobs", "submit", cases, "--case", "c01", "--name", "cli-1",
+        "--params", '{"steps": 2}', "--json",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)
+    assert job["status"] == "queued" and job["kind"] == "dinm"
+    shown = json.loads(detox(server, "jobs", "show", job["id"], "--json").stdout)
+    assert shown["id"] == job["id"]
+    cancelled = detox(server, "jobs", "cancel", job["id"], "--json")
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
+    watched = detox(server, "jobs", "watch", job["id"], "--json")
+    assert watched.returncode == 1  # ended, but not succeeded
+    assert json.loads(watched.stdout)["status"] == "cancelled"
+    table = detox(server, "jobs", "list")
+    assert table.returncode == 0 and job["id"][:8] in table.stdout
+
+
+def test_input_errors_exit_2_with_one_line(server, cases):
+    bad_lr = detox(server, "jobs", "submit", cases, "--case", "c01", "--params", '{"lr": 0}')
+    assert bad_lr.returncode == 2 and "params.lr" in bad_lr.stderr
+    assert bad_lr.stderr.strip().count("\n") == 0
+    bad_case = detox(server, "jobs", "submit", cases, "--case", "zz")
+    assert bad_case.returncode == 2 and "unknown case 'zz'" in bad_case.stderr
+    unknown = detox(server, "jobs", "show", "no-such-job")
+    assert unknown.returncode == 2 and "no job" in unknown.stderr
+
+
+def test_unreachable_server_exits_1():
+    done = detox(f"http://127.0.0.1:{closed_port()}", "jobs", "list")
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0

@@ -1,0 +1,88 @@
+"""`detox up` on a fresh DETOX_HOME with a tiny model: API + worker, one job end to end through
+the CLI, then SIGTERM stops both processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import CASE, closed_port
+from tests.cli.test_clients import ROOT, _env
+from tests.factories import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "detox up exited early"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"detox up not ready in {seconds} s")
+
+
+def test_up_runs_a_job_and_stops_cleanly_on_sigterm(tmp_path, model_dir):
+    port = closed_port()
+    url = f"http://127.0.0.1:{port}"
+    home = tmp_path / "home"
+    env = _env(DETOX_HOME=str(home), DETOX_MODEL=str(model_dir), DETOX_MAX_NEW_TOKENS="4")
+    log = (tmp_path / "up.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "up", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_ready(url, proc, 60)
+        cases = tmp_path / "cases.json"
+        cases.write_text(json.dumps([CASE]))
+        done = subprocess.run(
+            [sys.executable, "-m", "app.cli", "jobs", "submit", cases, "--case", "c01",
+             "--params", '{"steps": 2}', "--watch", "--json"],
+            cwd=ROOT, env=_env(DETOX_URL=url), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        job = json.loads(done.stdout)
+        assert job["status"] == "succeeded" and job["version"] == "v1"
+        assert (home / "detox.db").is_file()  # all state under DETOX_HOME
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=40)
+        log.seek(0)
+        output = log.read()
+    worker_pid = int(re.search(r"worker pid (\d+)", output).group(1))
+    deadline = time.monotonic() + 5
+    while _alive(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker_pid), output
