@@ -1,11 +1,15 @@
 # The two commands of the README. Both install what they need first (idempotently).
-.PHONY: setup run test lint
+.PHONY: setup run demo test lint
 
 setup:
 	@scripts/setup.sh
 
-# The main job on the embedded default: a DINM edit of the demo model on the bundled example.
+# The service on its embedded default: API + one worker, SQLite and a file broker under .detox/.
 run: setup
+	.venv/bin/detox up
+
+# One DINM edit of the demo model on the bundled example, no server: the before/after table.
+demo: setup
 	.venv/bin/detox dinm examples/safeedit_example.json --case example-1 --out out/example-1
 
 # The whole test suite (starts PostgreSQL and Redis first when the suite needs them and they are down).
