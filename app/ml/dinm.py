@@ -30,7 +30,7 @@ from app.ml.errors import EditCancelled
 from app.ml.models import LoadedModel
 from app.ml.params import DinmParams
 from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
-from app.ml.runners import FastRunner, PlainRunner, Runner
+from app.ml.runners import FastRunner, PlainRunner, Runner, run_layers
 from app.ml.safeedit import SafeEditInstance
 
 Progress = Callable[[str, float], None]
@@ -78,8 +78,7 @@ def _layer_outputs(lm: LoadedModel, text: str) -> list[torch.Tensor]:
 
     hooks = [layer.register_forward_hook(keep) for layer in lm.adapter.layers]
     try:
-        with torch.no_grad():
-            lm.model(input_ids=ids.to(lm.device), use_cache=False)
+        run_layers(lm.model, ids.to(lm.device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -107,9 +106,10 @@ class DinmObjective:
             self.pre_logprobs = F.log_softmax(self._answer_logits(1).float(), dim=-1)
 
     def _answer_logits(self, index: int) -> torch.Tensor:
+        """Logits at the positions that predict the answer tokens (the last one predicts
+        nothing and is dropped)."""
         seq = (self.nll_seq, self.kl_seq)[index]
-        logits = self.runner.logits(index)
-        return logits[seq.answer_start - 1 : -1]  # the positions that predict the answer
+        return self.runner.logits(index, seq.answer_len + 1)[:-1]
 
     def terms(self) -> tuple[torch.Tensor, torch.Tensor]:
         targets = self.nll_seq.input_ids[0, self.nll_seq.answer_start :].to(

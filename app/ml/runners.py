@@ -20,9 +20,20 @@ from app.ml.models import LoadedModel
 class Runner(Protocol):
     device: torch.device
 
-    def logits(self, index: int) -> torch.Tensor:
-        """Logits [T, vocab] of sequence `index`, with gradients to the tuned weight."""
+    def logits(self, index: int, keep: int) -> torch.Tensor:
+        """Logits [keep, vocab] of the last `keep` positions of sequence `index`, with gradients
+        to the tuned weight. Only the positions a loss reads pay for the (large) output head."""
         ...
+
+
+def run_layers(model: nn.Module, ids: torch.Tensor) -> None:
+    """A no-grad forward pass for the sake of hooks on its layers: the output head, costly with a
+    large vocabulary, is applied to one position only."""
+    with torch.no_grad():
+        try:
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        except TypeError:  # an architecture without `logits_to_keep`
+            model(input_ids=ids, use_cache=False)
 
 
 class PlainRunner:
@@ -31,8 +42,13 @@ class PlainRunner:
         self._model = lm.model
         self._sequences = [ids.to(self.device) for ids in sequences]
 
-    def logits(self, index: int) -> torch.Tensor:
-        return self._model(input_ids=self._sequences[index], use_cache=False).logits[0]
+    def logits(self, index: int, keep: int) -> torch.Tensor:
+        ids = self._sequences[index]
+        try:
+            out = self._model(input_ids=ids, use_cache=False, logits_to_keep=keep)
+        except TypeError:  # an architecture without `logits_to_keep`: slice afterwards
+            out = self._model(input_ids=ids, use_cache=False)
+        return out.logits[0, -keep:]
 
 
 class _LayerCall:
@@ -77,8 +93,7 @@ class FastRunner:
             layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self._layers
         ]
         try:
-            with torch.no_grad():
-                model(input_ids=ids, use_cache=False)
+            run_layers(model, ids)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -88,8 +103,8 @@ class FastRunner:
             )
         return calls
 
-    def logits(self, index: int) -> torch.Tensor:
+    def logits(self, index: int, keep: int) -> torch.Tensor:
         hidden = self._inputs[index]
         for layer, call in zip(self._layers, self._calls[index], strict=True):
             hidden = call(layer, hidden)
-        return self._adapter.logits_from_hidden(hidden)[0]
+        return self._adapter.logits_from_hidden(hidden[:, -keep:])[0]
