@@ -77,8 +77,15 @@ def measure(mode: str, env: dict, jobs: int) -> dict:
         "DETOX_URL": f"http://127.0.0.1:{port}",
         "DETOX_MAX_NEW_TOKENS": "16",
     }
-    api = subprocess.Popen([*DETOX, "api", "--port", str(port)], env=env, stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen([*DETOX, "worker"], env=env, stderr=subprocess.DEVNULL)
+    api = subprocess.Popen(
+        [*DETOX, "api", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    worker = subprocess.Popen(
+        [*DETOX, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         with DetoxClient(env["DETOX_URL"]) as client:
             _wait_ready(client)

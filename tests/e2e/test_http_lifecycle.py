@@ -1,0 +1,174 @@
+"""The whole service through HTTP: `detox api` and a worker as real processes, on PostgreSQL +
+Redis and on the embedded default (SQLite + file broker), driven by the CLI's HTTP client."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+
+from app.cli.client import DetoxClient
+from tests.factories import tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_URL = "redis://127.0.0.1:6379/8"
+INSTANCE = json.loads((ROOT / "examples" / "safeedit_example.json").read_text())[0]
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    def __init__(self, env: dict[str, str], workdir: Path):
+        self.port = _free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DETOX_")}
+        self.env |= env | {"DETOX_TORCH_THREADS": "1", "DETOX_DEVICE": "cpu"}
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+        self.client = DetoxClient(f"http://127.0.0.1:{self.port}")
+
+    def _start(self, name: str, *args: str) -> None:
+        with (self.workdir / f"{name}.log").open("wb") as log:
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, *args], env=self.env, cwd=self.workdir, stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )  # fmt: skip
+
+    def start(self) -> DetoxClient:
+        self._start("api", "-m", "app.cli", "api", "--port", str(self.port))
+        self._start("worker", "-m", "workers")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if self.client._http.get("/readyz").status_code == 200:
+                    return self.client
+            except Exception:
+                pass
+            time.sleep(0.3)
+        raise AssertionError("the API never became ready:\n" + self.logs())
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text()[-3000:] for p in sorted(self.workdir.glob("*.log")))
+
+    def stop(self) -> None:
+        self.client.close()
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["embedded", "postgres-redis"])
+def service(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    new_database: Callable[[str], str],
+    tiny_dir: Path,
+) -> Iterator[Service]:
+    home = tmp_path_factory.mktemp("home")
+    env = {"DETOX_HOME": str(home), "DETOX_MODEL": str(tiny_dir), "DETOX_MAX_NEW_TOKENS": "4"}
+    if request.param == "postgres-redis":
+        redis.Redis.from_url(REDIS_URL).flushdb()
+        env |= {"DETOX_DATABASE_URL": new_database("postgresql"), "DETOX_BROKER_URL": REDIS_URL}
+    svc = Service(env, home)
+    try:
+        svc.start()
+        yield svc
+    finally:
+        svc.stop()
+
+
+def _body(**overrides: object) -> dict:
+    return {
+        "kind": "dinm",
+        "parent": "base",
+        "instance": INSTANCE,
+        "params": {"steps": 2},
+    } | overrides
+
+
+def _wait(client: DetoxClient, job_id: str, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get_job(job_id)
+        if job["status"] in TERMINAL:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} not finished: {job}")
+
+
+def test_twenty_concurrent_submissions_each_end_with_exactly_one_version(service: Service):
+    client = service.client
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        submitted = list(pool.map(lambda _: client.submit_job(_body()), range(20)))
+    ids = {job["id"] for job in submitted}
+    assert len(ids) == 20
+    finished = [_wait(client, job_id) for job_id in ids]
+    assert {job["status"] for job in finished} == {"succeeded"}, service.logs()
+    versions = [job["version"] for job in finished]
+    assert len(set(versions)) == 20 and None not in versions
+    listed = {v["name"]: v for v in client.list_versions()["data"]}
+    for job in finished:
+        version = listed[job["version"]]
+        assert version["job_id"] == job["id"]
+        assert version["delta"]["params"] and version["delta"]["bytes"] > 0
+
+
+def test_stacked_versions_and_the_event_stream(service: Service):
+    client = service.client
+    first = client.submit_job(_body(name=f"a-{service.port}"))
+    events = [event for event, _ in client.job_events(first["id"])]
+    assert events[-1] == "done" and "progress" in events
+    parent = _wait(client, first["id"])["version"]
+    child = _wait(client, client.submit_job(_body(parent=parent))["id"])
+    grandchild = _wait(client, client.submit_job(_body(parent=child["version"]))["id"])
+    assert grandchild["status"] == "succeeded", grandchild["error"]
+    shown = client.get_version(grandchild["version"])
+    assert shown["parent"] == child["version"]
+    assert client.get_version(child["version"])["parent"] == parent
+    assert shown["metrics"]["metrics"]["after"]["DS"] is not None
+
+
+@pytest.mark.slow
+def test_a_dinm_job_on_the_demo_model_detoxifies_its_instance(tmp_path: Path):
+    home = tmp_path / "home"
+    home.mkdir()
+    svc = Service({"DETOX_HOME": str(home), "DETOX_MODEL": "demo"}, home)
+    try:
+        client = svc.start()
+        job = _wait(client, client.submit_job(_body(name="demo-v1", params={}))["id"])
+        assert job["status"] == "succeeded", job["error"]
+        metrics = client.get_version("demo-v1")["metrics"]
+        assert metrics["metrics"]["before"]["DS"] == 0.0
+        assert metrics["metrics"]["after"]["DS"] == 100.0
+        assert metrics["judge"] == "offline" and len(metrics["losses"]) == 10
+    finally:
+        svc.stop()
