@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, create_engine, delete, text, update
@@ -91,3 +92,15 @@ def _empty(engine: Engine) -> None:
         connection.execute(update(Version).values(parent_id=None, job_id=None))
         for model in (Version, Job, Corpus, ApiKey):
             connection.execute(delete(model))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random llama with its tokenizer and chat template, saved like any HF model."""
+    from tests.factories import tiny_model  # torch is imported only by tests that need it
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path

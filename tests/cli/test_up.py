@@ -10,23 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.api.conftest import CASE, closed_port
 from tests.cli.test_clients import ROOT, _env
-from tests.factories import tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _alive(pid: int) -> bool:
@@ -50,11 +39,11 @@ def _wait_ready(url: str, proc: subprocess.Popen, seconds: float) -> None:
     pytest.fail(f"detox up not ready in {seconds} s")
 
 
-def test_up_runs_a_job_and_stops_cleanly_on_sigterm(tmp_path, model_dir):
+def test_up_runs_a_job_and_stops_cleanly_on_sigterm(tmp_path, tiny_model_dir):
     port = closed_port()
     url = f"http://127.0.0.1:{port}"
     home = tmp_path / "home"
-    env = _env(DETOX_HOME=str(home), DETOX_MODEL=str(model_dir), DETOX_MAX_NEW_TOKENS="4")
+    env = _env(DETOX_HOME=str(home), DETOX_MODEL=str(tiny_model_dir), DETOX_MAX_NEW_TOKENS="4")
     log = (tmp_path / "up.log").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "up", "--port", str(port)],

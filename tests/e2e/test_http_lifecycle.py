@@ -17,7 +17,6 @@ import pytest
 import redis
 
 from app.cli.client import DetoxClient
-from tests.factories import tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/8"
@@ -77,24 +76,15 @@ class Service:
                 proc.wait()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module", params=["embedded", "postgres-redis"])
 def service(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     new_database: Callable[[str], str],
-    tiny_dir: Path,
+    tiny_model_dir: Path,
 ) -> Iterator[Service]:
     home = tmp_path_factory.mktemp("home")
-    env = {"DETOX_HOME": str(home), "DETOX_MODEL": str(tiny_dir), "DETOX_MAX_NEW_TOKENS": "4"}
+    env = {"DETOX_HOME": str(home), "DETOX_MODEL": str(tiny_model_dir), "DETOX_MAX_NEW_TOKENS": "4"}
     if request.param == "postgres-redis":
         redis.Redis.from_url(REDIS_URL).flushdb()
         env |= {"DETOX_DATABASE_URL": new_database("postgresql"), "DETOX_BROKER_URL": REDIS_URL}

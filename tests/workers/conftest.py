@@ -22,23 +22,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings
 from app.store import make_engine, make_sessionmaker, migrate
-from tests.factories import tiny_model
 from workers.celery_app import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/5"
 HEARTBEAT_TIMEOUT_S = 3.0
 MODES = ["embedded", "postgres-redis"]
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random llama with its tokenizer and chat template, saved like any HF model."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
