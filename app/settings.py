@@ -63,6 +63,21 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="CPU threads of torch in a worker (default: torch's)"
     )
+    serving_cache_size: int = Field(
+        8, ge=1, le=1024, description="versions whose summed deltas the serving engine keeps"
+    )
+    serving_max_batch_size: int = Field(
+        8, ge=1, le=512, description="requests generated together in one batch"
+    )
+    serving_max_wait_ms: float = Field(
+        10.0, ge=0, le=10_000, description="how long a batch waits for more requests to join"
+    )
+    serving_max_tokens: int = Field(
+        512, ge=1, le=32_768, description="cap of max_tokens on the generation endpoints"
+    )
+    serving_poll_s: float = Field(
+        1.0, gt=0, le=3600, description="how often the engine re-reads the live versions"
+    )
     url: str = Field(
         "http://127.0.0.1:8000", description="the API's address, for the CLI clients (DETOX_URL)"
     )

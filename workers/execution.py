@@ -28,6 +28,7 @@ from torch import nn
 from app.ml.deltas import Delta, apply_deltas, fingerprint
 from app.ml.errors import DeltaError, EditCancelled, InputError
 from app.ml.pipeline import dinm_with_report
+from app.notify import publish_versions_changed
 from app.settings import Settings
 from app.store import crud
 from app.store.errors import (
@@ -119,6 +120,7 @@ def _run(
                 attempt=job.attempts,
             )
         log.info("job %s: version %s written", job.id, version.name)
+        publish_versions_changed(settings.resolved_broker_url())  # serving engines load it now
         return "succeeded"
     except (EditCancelled, SoftTimeLimitExceeded):
         reason = monitor.stop_reason

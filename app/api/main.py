@@ -6,31 +6,52 @@ Run with `uvicorn --factory app.api.main:create_app`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
 from app.api.broker import Broker, CeleryBroker, broker_error
 from app.api.errors import install_error_handlers
-from app.api.routes import health, jobs, versions
+from app.api.routes import generation, health, jobs, versions
+from app.serving.provider import ServingProvider
 from app.settings import Settings, get_settings
 from app.store.db import make_engine, make_sessionmaker
 
+if TYPE_CHECKING:
+    from app.serving.engine import Engine
 
-def create_app(settings: Settings | None = None, *, broker: Broker | None = None) -> FastAPI:
+EngineFactory = Callable[[Any], "Engine"]
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    broker: Broker | None = None,
+    engine_factory: EngineFactory | None = None,
+) -> FastAPI:
     """The API for `settings` (default: from the environment); `broker` defaults to the workers'
-    Celery app."""
+    Celery app. The generation engine is built on first use by `engine_factory(sessionmaker)`
+    (default: the configured model, versions from the store)."""
     settings = settings or get_settings()
+
+    def default_engine(sessions: Any) -> Engine:
+        from app.serving.engine import Engine  # torch: only once generation is used
+
+        return Engine.from_settings(settings, sessions)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.resolved_database_url())
         app.state.engine = engine
-        app.state.sessionmaker = make_sessionmaker(engine)
+        sessions = make_sessionmaker(engine)
+        app.state.sessionmaker = sessions
+        app.state.serving = ServingProvider(lambda: (engine_factory or default_engine)(sessions))
         try:
             yield
         finally:
+            app.state.serving.close()
             engine.dispose()
 
     app = FastAPI(
@@ -42,6 +63,6 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.state.settings = settings
     app.state.broker = broker or CeleryBroker(settings)
     install_error_handlers(app, broker_error=broker_error())
-    for router in (health.router, jobs.router, versions.router):
+    for router in (health.router, jobs.router, versions.router, generation.router):
         app.include_router(router)
     return app

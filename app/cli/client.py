@@ -114,6 +114,39 @@ class DetoxClient:
         params = {"cascade": "true"} if cascade else {}
         return self._request("DELETE", f"/v1/versions/{name}", params=params)
 
+    # generation
+    def list_models(self) -> Any:
+        return self._request("GET", "/v1/models")
+
+    def chat(self, body: dict[str, Any]) -> Any:
+        """One chat completion (`body` as OpenAI's, without `stream`)."""
+        return self._request("POST", "/v1/chat/completions", json=body, timeout=STREAM_TIMEOUT)
+
+    def chat_stream(self, body: dict[str, Any]) -> Iterator[str]:
+        """The answer's text pieces as the server streams them."""
+        try:
+            with self._http.stream(
+                "POST", "/v1/chat/completions", json=body | {"stream": True}, timeout=STREAM_TIMEOUT
+            ) as response:
+                if response.is_error:
+                    response.read()
+                    raise _api_error(response)
+                for chunk in _openai_chunks(response.iter_lines()):
+                    if "error" in chunk:
+                        error = chunk["error"]
+                        raise ApiError(500, str(error.get("message")), error.get("type"),
+                                       error.get("param"), error.get("code"))  # fmt: skip
+                    for choice in chunk.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            yield text
+        except httpx.TransportError as exc:
+            raise Unreachable(f"{self.base_url}: {exc or type(exc).__name__}") from exc
+
+    def ab(self, body: dict[str, Any]) -> Any:
+        """The same prompt through every arm: `{"arms": [{model, text, unsafe_score, ...}]}`."""
+        return self._request("POST", "/v1/ab", json=body, timeout=STREAM_TIMEOUT)
+
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
@@ -158,3 +191,14 @@ def _parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
                 data.append(value)
     if data:
         yield event, json.loads("\n".join(data))
+
+
+def _openai_chunks(lines: Iterator[str]) -> Iterator[Any]:
+    """The JSON payloads of an OpenAI-style stream, until `data: [DONE]`."""
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line.removeprefix("data:").strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)

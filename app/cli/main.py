@@ -1,5 +1,5 @@
 """`detox`: local edits and evaluation (no server), the service processes (`api`, `worker`, `up`)
-and the API's clients (`jobs`, `versions`).
+and the API's clients (`jobs`, `versions`, `chat`, `ab`).
 
 `app.cli.local` (torch) is imported only by the commands that need it, so clients start fast.
 """
@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli import jobs, service, versions
+from app.cli import generation, jobs, service, versions
 from app.cli.output import fail_on_bad_input, parse_params_json, print_json
 from app.settings import get_settings
 
@@ -41,8 +41,11 @@ def dinm(
     ] = None,
     model: ModelOpt = None,
     judge: JudgeOpt = None,
-    steps: Annotated[int | None, typer.Option(help="tuning steps (default 10)")] = None,
-    lr: Annotated[float | None, typer.Option(help="learning rate (default 5e-4)")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help='"paper" or "guarded" (default); flags override it')
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="tuning steps (from the preset)")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate (from the preset)")] = None,
     layer: Annotated[int | None, typer.Option(help="edit this layer instead of locating")] = None,
     params: Annotated[str | None, typer.Option(help="more DINM params as a JSON object")] = None,
     max_new_tokens: TokensOpt = None,
@@ -54,7 +57,7 @@ def dinm(
     settings = get_settings()
     with fail_on_bad_input():
         overrides = parse_params_json(params)
-        flags = {"steps": steps, "lr": lr, "layer": layer}
+        flags = {"preset": preset, "steps": steps, "lr": lr, "layer": layer}
         overrides |= {k: v for k, v in flags.items() if v is not None}
         report = local.run_dinm(
             settings,
@@ -105,6 +108,7 @@ def evaluate(
 
 
 service.register(app)
+generation.register(app)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(versions.app, name="versions")
 

@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy.orm import Session
 
-from app.api.deps import SessionDep
+from app.api.deps import SessionDep, SettingsDep
 from app.api.schemas import VersionList, VersionPublic
+from app.notify import publish_versions_changed
 from app.store import crud
 from app.store.models import Version
 
@@ -41,8 +42,11 @@ def get_version(name: str, session: SessionDep) -> VersionPublic:
 def retire_version(
     name: str,
     session: SessionDep,
+    settings: SettingsDep,
     cascade: Annotated[bool, Query(description="retire its live descendants too")] = False,
 ) -> VersionList:
     """Retire a version (its rows stay; it leaves listings, "latest" and new jobs' parents).
     A version with live children is refused (409) unless `cascade=true`."""
-    return _public(session, crud.retire_version(session=session, name=name, cascade=cascade))
+    retired = crud.retire_version(session=session, name=name, cascade=cascade)
+    publish_versions_changed(settings.resolved_broker_url())  # other API processes drop it now
+    return _public(session, retired)

@@ -1,0 +1,81 @@
+"""Version changes announced over Redis pub/sub, so serving engines pick up a new or retired
+version at once in production. Best effort by design: the engines also poll the store
+(`serving_poll_s`), which is all the embedded default (no Redis) has, and which covers any
+message lost while Redis was away.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import redis
+
+CHANNEL = "detox:versions"
+log = logging.getLogger(__name__)
+
+
+def is_redis(url: str | None) -> bool:
+    return bool(url) and url.startswith(("redis://", "rediss://"))
+
+
+def publish_versions_changed(url: str | None, *, timeout: float = 1.0) -> bool:
+    """Announce that versions changed; False when there is no Redis or it did not answer."""
+    if not is_redis(url):
+        return False
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        client.publish(CHANNEL, "changed")
+        return True
+    except redis.RedisError as exc:
+        log.warning("could not announce a version change (%s); engines will poll", exc)
+        return False
+    finally:
+        client.close()
+
+
+class VersionSubscriber:
+    """A daemon thread that calls `on_change()` for every announcement, reconnecting as needed."""
+
+    def __init__(self, url: str, on_change: Callable[[], None], *, retry_s: float = 2.0):
+        self._url = url
+        self._on_change = on_change
+        self._retry_s = retry_s
+        self._stop = threading.Event()
+        self.subscribed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="detox-notify", daemon=True)
+
+    def start(self) -> VersionSubscriber:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._listen()
+            except redis.RedisError as exc:
+                self.subscribed.clear()
+                log.warning("version notifications interrupted (%s); retrying", exc)
+                self._stop.wait(self._retry_s)
+
+    def _listen(self) -> None:
+        client = redis.Redis.from_url(self._url, socket_timeout=None, socket_connect_timeout=2)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(CHANNEL)
+            self.subscribed.set()
+            while not self._stop.is_set():
+                # A short timeout keeps `stop()` responsive without busy waiting.
+                if pubsub.get_message(timeout=0.5) is not None:
+                    try:
+                        self._on_change()
+                    except Exception:
+                        log.warning("refresh after a version change failed", exc_info=True)
+        finally:
+            pubsub.close()
+            client.close()

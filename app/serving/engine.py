@@ -1,0 +1,299 @@
+"""The generation engine: one base model, every live version served beside it in shared batches.
+
+- The base model is loaded once. A version's whole chain of deltas is read from a `VersionSource`
+  on first use, checked (checksums by the store, base fingerprints here), summed per module and
+  kept in an LRU cache (`VersionCache`).
+- The live versions are re-read every `poll_s` seconds (and at once when a name is not known), so
+  a new version is servable without restart and a retired one stops being served and leaves the
+  cache.
+- Requests go through a `Batcher` (one background thread): the decoding loop (`run_batch`) never
+  runs on the event loop. `stream()` bridges its events to asyncio; when the consumer stops
+  early (client disconnected) the request is cancelled and leaves the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app.ml.generation import _pad_id, _stop_ids
+from app.ml.judges import Judge, load_judge
+from app.ml.models import LoadedModel, load_model
+from app.ml.prompts import encode_prompt
+from app.notify import VersionSubscriber, is_redis
+from app.serving.batcher import Batcher
+from app.serving.cache import VersionCache
+from app.serving.decoding import GenRequest, run_batch
+from app.serving.errors import PromptTooLongError, UnknownModelError
+from app.serving.sampling import Event, Failed, Finished, SamplingParams
+from app.serving.source import StoreVersionSource, VersionInfo, VersionSource
+from app.serving.weights import BatchDeltaHooks, VersionWeights, version_weights
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+LATEST = "latest"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A resolved `model`: its public name and its weights (None for the base)."""
+
+    name: str
+    weights: VersionWeights | None
+
+
+class Engine:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        source: VersionSource,
+        *,
+        cache_size: int = 8,
+        max_batch_size: int = 8,
+        max_wait_s: float = 0.01,
+        max_tokens: int = 512,
+        poll_s: float = 1.0,
+        judge_loader: Callable[[], Judge] | None = None,
+        notify_url: str | None = None,
+    ):
+        self.lm = lm
+        self.source = source
+        self.cache = VersionCache(cache_size)
+        self.max_tokens = max_tokens
+        self.poll_s = poll_s
+        self._judge_loader = judge_loader or (lambda: load_judge("offline"))
+        self._judge: Judge | None = None
+        self._lock = threading.Lock()
+        self._live: dict[str, VersionInfo] = {}
+        self._fingerprints: dict[str, str] = {}
+        self._hooks = BatchDeltaHooks(lm.model)
+        self._stop_ids = _stop_ids(lm)
+        self._pad_id = _pad_id(lm)
+        self._batcher = Batcher(self._run, max_batch_size=max_batch_size, max_wait_s=max_wait_s)
+        self._closed = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._notify_url = notify_url
+        self._subscriber: VersionSubscriber | None = None
+        self.cancelled = 0  # requests that left a batch early: their client went away
+        self.refresh()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, sessions: Any) -> Engine:
+        """The engine of the API process: the configured model, versions from the store."""
+        if settings.torch_threads is not None:
+            torch.set_num_threads(settings.torch_threads)
+        lm = load_model(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            cache_dir=settings.cache_dir,
+        )
+        return cls(
+            lm,
+            StoreVersionSource(sessions, base_fingerprint=base_fingerprint(lm)),
+            cache_size=settings.serving_cache_size,
+            max_batch_size=settings.serving_max_batch_size,
+            max_wait_s=settings.serving_max_wait_ms / 1000,
+            max_tokens=settings.serving_max_tokens,
+            poll_s=settings.serving_poll_s,
+            judge_loader=lambda: load_judge(settings.judge, device=settings.device),
+            notify_url=settings.resolved_broker_url(),
+        )
+
+    # -- versions --------------------------------------------------------------------------
+
+    def start_polling(self) -> None:
+        """Poll the store; with Redis, also refresh as soon as a version change is announced."""
+        if self._poller is None:
+            self._poller = threading.Thread(target=self._poll, name="detox-versions", daemon=True)
+            self._poller.start()
+        if self._subscriber is None and is_redis(self._notify_url):
+            self._subscriber = VersionSubscriber(self._notify_url, self.refresh).start()
+
+    def refresh(self) -> None:
+        """Re-read the live versions; retired ones leave the cache."""
+        live = {v.name: v for v in self.source.live_versions()}
+        with self._lock:
+            self._live = live
+        dropped = self.cache.keep_only(v.id for v in live.values())
+        if dropped:
+            log.info("unloaded %d retired version(s)", len(dropped))
+
+    def versions(self) -> list[VersionInfo]:
+        """The live versions, oldest first."""
+        with self._lock:
+            return sorted(self._live.values(), key=lambda v: (v.created_at, v.id))
+
+    def resolve(self, model: str) -> VersionInfo | None:
+        """The live version `model` names (None for the base); re-reads the list once on a miss."""
+        if model == BASE:
+            return None
+        for attempt in range(2):
+            versions = self.versions()
+            if model == LATEST and versions:
+                return versions[-1]
+            found = next((v for v in versions if v.name == model), None)
+            if found is not None:
+                return found
+            if attempt == 0:
+                self.refresh()
+        if model == LATEST:
+            raise UnknownModelError("there is no live version yet, so no `latest`")
+        raise UnknownModelError(f"the model {model!r} does not exist (or is retired)")
+
+    def target(self, model: str) -> Target:
+        """Resolve and load `model` (blocking: may read the store and build the deltas)."""
+        info = self.resolve(model)
+        if info is None:
+            return Target(BASE, None)
+        weights = self.cache.get(info.id, lambda: self._load(info))
+        return Target(info.name, weights)
+
+    def _load(self, info: VersionInfo) -> VersionWeights:
+        deltas = self.source.load_chain(info.id)
+        return version_weights(
+            self.lm.model, info.name, deltas, base_fingerprints=self._fingerprints
+        )
+
+    def _poll(self) -> None:
+        while not self._closed.wait(self.poll_s):
+            try:
+                self.refresh()
+            except Exception:
+                log.warning("could not re-read the versions", exc_info=True)
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        return self.lm.context_length
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.lm.tokenizer(text)["input_ids"]
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        tokenizer = self.lm.tokenizer
+        if tokenizer.chat_template:
+            text = tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return encode_prompt(tokenizer, text)
+
+    def token_budget(self, prompt_ids: Sequence[int], requested: int | None) -> int:
+        """How many new tokens the request may have: capped by the setting and the context."""
+        room = self.context_length - len(prompt_ids)
+        if room < 1:
+            raise PromptTooLongError(
+                f"the prompt is {len(prompt_ids)} tokens long; the model's context is "
+                f"{self.context_length} tokens, which leaves no room for an answer"
+            )
+        return max(1, min(requested or self.max_tokens, self.max_tokens, room))
+
+    # -- generation ------------------------------------------------------------------------
+
+    async def stream(
+        self, prompt_ids: list[int], target: Target, params: SamplingParams
+    ) -> AsyncIterator[Event]:
+        """The request's events, ending with `Finished` or `Failed`. Leaving early cancels it."""
+        [(request, events)] = self._requests([(prompt_ids, target, params)])
+        self._batcher.submit(request)
+        try:
+            async for event in _drain(events):
+                yield event
+        finally:
+            request.cancelled.set()
+
+    async def complete(
+        self, prompt_ids: list[int], target: Target, params: SamplingParams
+    ) -> Finished:
+        [result] = await self.complete_together([(prompt_ids, target, params)])
+        return result
+
+    async def complete_together(
+        self, jobs: Sequence[tuple[list[int], Target, SamplingParams]]
+    ) -> list[Finished]:
+        """Several requests submitted as one group, so they run in the same batch."""
+        pairs = self._requests(jobs)
+        self._batcher.submit(*(request for request, _ in pairs))
+        try:
+            return list(await asyncio.gather(*(_result(events) for _, events in pairs)))
+        finally:
+            for request, _ in pairs:
+                request.cancelled.set()
+
+    def _requests(
+        self, jobs: Sequence[tuple[list[int], Target, SamplingParams]]
+    ) -> list[tuple[GenRequest, asyncio.Queue[Event]]]:
+        loop = asyncio.get_running_loop()
+        pairs = []
+        for prompt_ids, target, params in jobs:
+            events: asyncio.Queue[Event] = asyncio.Queue()
+
+            def deliver(event: Event, events: asyncio.Queue[Event] = events) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+            pairs.append((GenRequest(prompt_ids, target.weights, params, deliver), events))
+        return pairs
+
+    def _run(self, batch: list[GenRequest]) -> None:
+        self.cancelled += run_batch(
+            self.lm, self._hooks, batch, stop_ids=self._stop_ids, pad_id=self._pad_id
+        )
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return self._batcher.batch_sizes
+
+    # -- judge and life cycle --------------------------------------------------------------
+
+    @property
+    def judge(self) -> Judge:
+        with self._lock:
+            if self._judge is None:
+                self._judge = self._judge_loader()
+            return self._judge
+
+    def close(self) -> None:
+        self._closed.set()
+        self._batcher.close()
+        if self._poller is not None:
+            self._poller.join(timeout=5)
+        if self._subscriber is not None:
+            self._subscriber.stop()
+        self._hooks.remove()
+
+
+async def _drain(events: asyncio.Queue[Event]) -> AsyncIterator[Event]:
+    while True:
+        event = await events.get()
+        yield event
+        if isinstance(event, Finished | Failed):
+            return
+
+
+async def _result(events: asyncio.Queue[Event]) -> Finished:
+    async for event in _drain(events):
+        if isinstance(event, Failed):
+            raise event.error
+        if isinstance(event, Finished):
+            return event
+    raise RuntimeError("the request ended without a result")  # pragma: no cover
+
+
+def base_fingerprint(lm: LoadedModel) -> str:
+    """The identity versions record for their base (as the workers compute it)."""
+    from app.ml.deltas import fingerprint
+
+    adapter = lm.adapter
+    names = [adapter.mlp_out_param_name(i) for i in range(adapter.num_layers)]
+    return fingerprint(lm.model, names)

@@ -1,0 +1,23 @@
+"""The exceptions the serving engine raises; the API maps each to one HTTP status."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base of every error raised on purpose by `app.serving`."""
+
+
+class UnknownModelError(ServingError):
+    """No such model: not `base`, not a live version (unknown or retired), no `latest` yet."""
+
+
+class ModelLoadError(ServingError):
+    """A version's deltas cannot be served: corrupt, made for another base, or not servable."""
+
+
+class PromptTooLongError(ServingError):
+    """The prompt leaves no room for a single new token in the model's context."""
+
+
+class EngineClosedError(ServingError):
+    """The engine was shut down; no more requests are taken."""

@@ -1,0 +1,46 @@
+"""The app's handle on the engine: built on first use (or preloaded), closed at shutdown.
+
+Torch-free at import, so the API process imports torch only when generation is first used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from app.serving.serving import OpenAIServing
+
+if TYPE_CHECKING:
+    from app.serving.engine import Engine
+
+
+class ServingProvider:
+    def __init__(self, factory: Callable[[], Engine]):
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._serving: OpenAIServing | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._serving is not None
+
+    def get_sync(self) -> OpenAIServing:
+        with self._lock:
+            if self._serving is None:
+                engine = self._factory()
+                engine.start_polling()
+                self._serving = OpenAIServing(engine)
+            return self._serving
+
+    async def get(self) -> OpenAIServing:
+        if self._serving is not None:
+            return self._serving
+        return await asyncio.to_thread(self.get_sync)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._serving is not None:
+                self._serving.engine.close()
+                self._serving = None

@@ -1,0 +1,37 @@
+"""What a request asks for and what it gets back, free of torch (the API imports this)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    text: str  # the whole completion (the concatenation of every TextDelta)
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: tuple[int, ...] = ()  # new tokens, the end token included when one stopped it
+    finished_at: float = 0.0  # time.perf_counter() when the last token was taken
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: BaseException
+
+
+Event = TextDelta | Finished | Failed

@@ -1,0 +1,208 @@
+"""The OpenAI-compatible handlers: requests in, response models or SSE lines out.
+
+Built once per app around an `Engine` (anything with its interface: tests may pass a fake).
+Blocking steps (resolving and loading a version, tokenising, judging) run in worker threads so the
+event loop stays free; errors are the typed `app.serving.errors`, which the router maps to HTTP.
+Torch-free at import: the engine module is only named for type checking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
+
+from app.serving.protocol import (
+    AbArm,
+    AbRequest,
+    AbResponse,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+    new_id,
+    now,
+)
+from app.serving.sampling import Failed, Finished, TextDelta
+
+if TYPE_CHECKING:
+    from app.serving.engine import Engine, Target
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: BaseModel | dict) -> str:
+    body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {body}\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, engine: Engine, *, started: int | None = None):
+        self.engine = engine
+        self.started = started or now()
+
+    # -- /v1/models ------------------------------------------------------------------------
+
+    def models(self) -> ModelList:
+        cards = [ModelCard(id="base", created=self.started, parent=None)]
+        cards += [
+            ModelCard(id=v.name, created=int(v.created_at.timestamp()), parent=v.parent)
+            for v in self.engine.versions()
+        ]
+        return ModelList(data=cards)
+
+    # -- /v1/completions and /v1/chat/completions ------------------------------------------
+
+    async def completion(self, request: CompletionRequest) -> Completion | AsyncIterator[str]:
+        target, ids = await asyncio.to_thread(
+            self._prepare, request.model, lambda: self.engine.encode_text(request.text())
+        )
+        params = request.to_sampling_params(
+            self.engine.token_budget(ids, request.requested_tokens())
+        )
+        rid, created = new_id("cmpl"), now()
+        if request.stream:
+            return self._completion_stream(request, rid, created, target, ids, params)
+        result = await self.engine.complete(ids, target, params)
+        return Completion(
+            id=rid,
+            created=created,
+            model=target.name,
+            choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
+            usage=Usage.of(result.prompt_tokens, result.completion_tokens),
+        )
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[str]:
+        messages = request.plain_messages()
+        target, ids = await asyncio.to_thread(
+            self._prepare, request.model, lambda: self.engine.encode_chat(messages)
+        )
+        params = request.to_sampling_params(
+            self.engine.token_budget(ids, request.requested_tokens())
+        )
+        rid, created = new_id("chatcmpl"), now()
+        if request.stream:
+            return self._chat_stream(request, rid, created, target, ids, params)
+        result = await self.engine.complete(ids, target, params)
+        return ChatCompletion(
+            id=rid,
+            created=created,
+            model=target.name,
+            choices=[
+                ChatChoice(
+                    message=AssistantMessage(content=result.text),
+                    finish_reason=result.finish_reason,
+                )
+            ],
+            usage=Usage.of(result.prompt_tokens, result.completion_tokens),
+        )
+
+    def _prepare(self, model: str, encode: Callable[[], list[int]]) -> tuple[Target, list[int]]:
+        return self.engine.target(model), encode()
+
+    async def _completion_stream(self, request, rid, created, target, ids, params):
+        def chunk(text: str, finish: str | None, usage: Usage | None = None) -> Completion:
+            choices = [CompletionChoice(text=text, finish_reason=finish)] if usage is None else []
+            return Completion(
+                id=rid, created=created, model=target.name, choices=choices, usage=usage
+            )
+
+        async with aclosing(self._events(request, ids, target, params, chunk)) as lines:
+            async for line in lines:
+                yield line
+
+    async def _chat_stream(self, request, rid, created, target, ids, params):
+        first = True
+
+        def chunk(text: str, finish: str | None, usage: Usage | None = None):
+            nonlocal first
+            choices = []
+            if usage is None:
+                delta = ChatDelta(role="assistant" if first else None, content=text)
+                if finish is not None and not text:
+                    delta = ChatDelta()
+                choices = [ChatChunkChoice(delta=delta, finish_reason=finish)]
+                first = False
+            return ChatCompletionChunk(
+                id=rid, created=created, model=target.name, choices=choices, usage=usage
+            )
+
+        async with aclosing(self._events(request, ids, target, params, chunk)) as lines:
+            async for line in lines:
+                yield line
+
+    async def _events(self, request, ids, target, params, chunk) -> AsyncIterator[str]:
+        # aclosing: when the client goes away, the engine's stream is closed at once, which
+        # cancels the request and frees its slot in the batch.
+        async with aclosing(self.engine.stream(ids, target, params)) as events:
+            async for line in self._lines(request, events, chunk):
+                yield line
+        yield DONE
+
+    async def _lines(self, request, events, chunk) -> AsyncIterator[str]:
+        async for event in events:
+            if isinstance(event, TextDelta):
+                yield sse(chunk(event.text, None))
+            elif isinstance(event, Finished):
+                yield sse(chunk("", event.finish_reason))
+                if request.include_usage:
+                    usage = Usage.of(event.prompt_tokens, event.completion_tokens)
+                    yield sse(chunk("", None, usage))
+            elif isinstance(event, Failed):
+                message = f"generation failed: {event.error}"
+                yield sse({"error": {"message": message, "type": "internal_error",
+                                     "param": None, "code": "generation_failed"}})  # fmt: skip
+
+    # -- /v1/ab ----------------------------------------------------------------------------
+
+    async def ab(self, request: AbRequest) -> AbResponse:
+        def prepare() -> tuple[list[Target], list[int]]:
+            targets = [self.engine.target(arm) for arm in request.arms]
+            if request.messages is not None:
+                ids = self.engine.encode_chat(
+                    [{"role": m.role, "content": m.text()} for m in request.messages]
+                )
+            else:
+                ids = self.engine.encode_chat([{"role": "user", "content": request.prompt or ""}])
+            return targets, ids
+
+        targets, ids = await asyncio.to_thread(prepare)
+        params = request.to_sampling_params(self.engine.token_budget(ids, request.max_tokens))
+        start = time.perf_counter()
+        results = await self.engine.complete_together([(ids, t, params) for t in targets])
+        scores: list[float | None] = [None] * len(results)
+        judge_name = None
+        if request.judge:
+            judge = await asyncio.to_thread(lambda: self.engine.judge)
+            prompt = request.judged_prompt()
+            verdicts = await asyncio.to_thread(
+                judge.judge, [prompt] * len(results), [r.text for r in results]
+            )
+            scores = [round(v.score, 4) for v in verdicts]
+            judge_name = judge.name
+        arms = [
+            AbArm(
+                model=target.name,
+                text=result.text,
+                unsafe_score=score,
+                latency_ms=round(max(0.0, result.finished_at - start) * 1000, 1),
+                finish_reason=result.finish_reason,
+                usage=Usage.of(result.prompt_tokens, result.completion_tokens),
+            )
+            for target, result, score in zip(targets, results, scores, strict=True)
+        ]
+        return AbResponse(arms=arms, judge=judge_name)

@@ -1,0 +1,236 @@
+"""Benchmark: the serving engine through HTTP, on the demo model (or `--model`). Prints a table.
+
+(a) one stream through HTTP vs raw `model.generate` on the same loaded model, tokens/s;
+(b) `--clients` concurrent clients spread over base and 3 versions vs the same requests one after
+    another, aggregate tokens/s;
+(c) resident memory with 1 and with `--versions` versions loaded, against the deltas' own size;
+(d) time to first token for a version not yet cached, and for a cached one.
+
+The server is a real `detox api` process (loopback) on a temporary SQLite store whose versions are
+written the way a worker writes them (random dense deltas on each layer's MLP output projection);
+raw `model.generate` runs in this process while the server is idle.
+
+    .venv/bin/python bench/serving.py [--model demo] [--tokens 32] [--clients 8] [--versions 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from app.ml.deltas import Delta, DenseUpdate, fingerprint  # noqa: E402
+from app.ml.models import load_model  # noqa: E402
+from app.serving.engine import base_fingerprint  # noqa: E402
+from app.store import crud, migrate  # noqa: E402
+from app.store.db import make_engine, make_sessionmaker  # noqa: E402
+
+PROMPT = "Write a short story about a lighthouse keeper."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_versions(sessions, lm, count: int, scale: float) -> list[int]:
+    """Versions v1..v{count}; returns each one's delta size in bytes."""
+    fp = base_fingerprint(lm)
+    adapter = lm.adapter
+    params = dict(lm.model.named_parameters())
+    sizes = []
+    for i in range(count):
+        name = adapter.mlp_out_param_name(i % adapter.num_layers)
+        gen = torch.Generator().manual_seed(i)
+        value = torch.randn(*params[name].shape, generator=gen) * scale
+        blob = Delta({name: DenseUpdate(value)}, fingerprint(lm.model, [name])).to_bytes()
+        row = {"param": name, "encoding": "dense", "dtype": "float32",
+               "shape": list(value.shape), "blob": blob}  # fmt: skip
+        with sessions() as session:
+            job, _ = crud.create_job(session=session, kind="dinm", spec={"kind": "dinm"})
+            crud.claim_job(session=session, job_id=job.id, worker="bench")
+            crud.finish_job_succeeded(
+                session=session, job_id=job.id, version_name=f"v{i + 1}", base_model=lm.name,
+                base_fingerprint=fp, metrics={}, deltas=[row],
+            )  # fmt: skip
+        sizes.append(value.numel() * value.element_size())
+    return sizes
+
+
+def _start_server(env: dict[str, str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("detox api exited")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit("detox api did not come up in 120 s")
+
+
+def _stream(client: httpx.Client, model: str, tokens: int) -> tuple[float, float, int]:
+    """(seconds to the first text, total seconds, completion tokens) of one streamed chat."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first, used = None, 0
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                used = chunk["usage"]["completion_tokens"]
+            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - start
+    return first or 0.0, time.perf_counter() - start, used
+
+
+def _raw_generate(lm, tokens: int) -> tuple[float, int]:
+    text = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+    )
+    ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(lm.device)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = lm.model.generate(
+            **ids, max_new_tokens=tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id
+        )
+        seconds = time.perf_counter() - start
+    return seconds, out.shape[1] - ids["input_ids"].shape[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--versions", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of (a) and (b), best kept")
+    parser.add_argument("--scale", type=float, default=1e-3, help="size of the random deltas")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=50.0, help="the batcher's wait for more requests"
+    )
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="detox-bench-serving-"))
+    url = f"sqlite:///{tmp / 'bench.db'}"
+    migrate.upgrade(url)
+    sessions = make_sessionmaker(make_engine(url))
+    lm = load_model(args.model, device=args.device)
+    print(f"model {args.model} on {lm.device} ({lm.dtype}); writing {args.versions} versions",
+          file=sys.stderr)  # fmt: skip
+    sizes = _write_versions(sessions, lm, args.versions + 1, args.scale)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DETOX_")} | {
+        "DETOX_HOME": str(tmp / "home"),
+        "DETOX_DATABASE_URL": url,
+        "DETOX_BROKER_URL": "memory://",
+        "DETOX_MODEL": args.model,
+        "DETOX_DEVICE": args.device,
+        "DETOX_SERVING_CACHE_SIZE": str(max(8, args.versions + 4)),
+        "DETOX_SERVING_MAX_BATCH_SIZE": str(args.clients),
+        "DETOX_SERVING_MAX_WAIT_MS": str(args.max_wait_ms),
+        "DETOX_SERVING_MAX_TOKENS": str(args.tokens),
+    }
+    port = _free_port()
+    proc = _start_server(env, port)
+    server = psutil.Process(proc.pid)
+    rows: list[tuple[str, str, str]] = []
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
+    try:
+        _stream(client, "base", 4)  # warm-up: builds the engine
+        _raw_generate(lm, 4)
+
+        # (c) the server's resident memory with 1 and with N versions loaded
+        _stream(client, "v1", 1)
+        rss1 = server.memory_info().rss
+        for i in range(2, args.versions + 1):
+            _stream(client, f"v{i}", 1)
+        rssn = server.memory_info().rss
+        extra = sum(sizes[1 : args.versions])
+        grown = rssn - rss1
+        ratio = grown / max(extra, 1)
+        rows.append(("(c) server RSS, 1 version loaded", f"{rss1 / 2**20:.0f} MiB", ""))
+        rows.append((f"(c) server RSS, {args.versions} versions loaded", f"{rssn / 2**20:.0f} MiB",
+                     f"+{grown / 2**20:.1f} MiB for {args.versions - 1} deltas of "
+                     f"{extra / 2**20:.1f} MiB ({ratio:.2f}x; target <= 1.05x)"))  # fmt: skip
+
+        # (a) one stream vs raw generate: interleaved, best of `--repeat` (the CPU is shared)
+        raw_tps = http_tps = 0.0
+        for _ in range(args.repeat):
+            raw_s, raw_n = _raw_generate(lm, args.tokens)
+            _, http_s, http_n = _stream(client, "base", args.tokens)
+            raw_tps, http_tps = max(raw_tps, raw_n / raw_s), max(http_tps, http_n / http_s)
+        rows.append(("(a) raw model.generate, 1 stream", f"{raw_tps:.1f} tok/s",
+                     f"best of {args.repeat}"))  # fmt: skip
+        rows.append(("(a) HTTP stream, 1 client", f"{http_tps:.1f} tok/s",
+                     f"ratio {http_tps / raw_tps:.2f} (target >= 0.9)"))  # fmt: skip
+
+        # (b) concurrent clients over base + 3 versions vs one after another
+        models = [("base", "v1", "v2", "v3")[i % 4] for i in range(args.clients)]
+        for m in set(models):
+            _stream(client, m, 2)  # load the versions first: (b) measures generation
+        seq_tps = conc_tps = 0.0
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            sequential = sum(_stream(client, m, args.tokens)[2] for m in models)
+            seq_tps = max(seq_tps, sequential / (time.perf_counter() - start))
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                results = list(pool.map(lambda m: _stream(client, m, args.tokens), models))
+            conc_tps = max(conc_tps, sum(r[2] for r in results) / (time.perf_counter() - start))
+        rows.append((f"(b) {args.clients} requests one after another", f"{seq_tps:.1f} tok/s", ""))
+        rows.append((f"(b) {args.clients} concurrent clients, 4 models", f"{conc_tps:.1f} tok/s",
+                     f"speed-up {conc_tps / seq_tps:.2f}x (target >= 3x)"))  # fmt: skip
+
+        # (d) time to first token: a version not yet cached, then cached
+        fresh = f"v{args.versions + 1}"  # written, never requested so far
+        cold = _stream(client, fresh, 4)[0]
+        warm = _stream(client, fresh, 4)[0]
+        rows.append(("(d) first token, version not cached", f"{cold * 1000:.0f} ms",
+                     f"cached: {warm * 1000:.0f} ms"))  # fmt: skip
+
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(30)
+    width = max(len(r[0]) for r in rows)
+    print(f"\nserving benchmark: {args.model} on {lm.device}, {args.tokens} new tokens "
+          f"per request, batcher wait {args.max_wait_ms:g} ms")  # fmt: skip
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:>14}  {note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""/v1/models, /v1/completions, /v1/chat/completions (JSON and SSE) and /v1/ab on a tiny model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.store import crud
+from tests.api.conftest import assert_error
+from tests.api.serving_app import ServingStore, serving_store, sse_events, tiny_app
+from tests.factories import tiny_model
+from tests.serving.conftest import random_delta, store_version
+
+MESSAGES = [{"role": "user", "content": "How do I pick a lock?"}]
+
+
+@pytest.fixture
+def lm():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def store(tmp_path) -> Iterator[ServingStore]:
+    with serving_store(tmp_path, serving_max_tokens=16) as store:
+        yield store
+
+
+@pytest.fixture
+def versions(store, lm) -> dict[str, Any]:
+    v1 = store_version(store.sessions, lm, random_delta(lm, layer=1, seed=1), name="v1")
+    v2 = store_version(store.sessions, lm, random_delta(lm, layer=2, seed=2), name="v2", parent=v1)
+    return {"v1": v1, "v2": v2}
+
+
+@pytest.fixture
+def client(store, lm, versions) -> Iterator[TestClient]:
+    with TestClient(tiny_app(store, lm)) as client:
+        yield client
+
+
+def complete(client, **body: Any) -> dict[str, Any]:
+    response = client.post("/v1/completions", json={"temperature": 0} | body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_models_list_base_and_live_versions(client):
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    cards = {c["id"]: c for c in body["data"]}
+    assert list(cards) == ["base", "v1", "v2"]
+    assert cards["base"]["parent"] is None
+    assert cards["v1"]["parent"] == "base" and cards["v2"]["parent"] == "v1"
+    assert all(c["object"] == "model" and isinstance(c["created"], int) for c in cards.values())
+
+
+def test_completion_shape_usage_and_model_names(client):
+    body = complete(client, model="v1", prompt="Once upon", max_tokens=6)
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["model"] == "v1"
+    [choice] = body["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == len("Once upon")  # one token per character
+    assert 1 <= usage["completion_tokens"] <= 6
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert complete(client, model="latest", prompt="x", max_tokens=2)["model"] == "v2"
+    # Versions really differ from the base on the same prompt (greedy).
+    texts = {m: complete(client, model=m, prompt="Once upon")["choices"][0]["text"] for m in
+             ("base", "v1", "v2")}  # fmt: skip
+    assert len(set(texts.values())) == 3
+
+
+def test_max_tokens_is_capped_by_the_setting(client):
+    body = complete(client, model="base", prompt="Hi", max_tokens=10_000)
+    assert body["usage"]["completion_tokens"] <= 16
+
+
+def test_errors(client):
+    error = assert_error(client.post("/v1/completions", json={"model": "v9", "prompt": "x"}), 404)
+    assert error["param"] == "model" and error["code"] == "model_not_found"
+    assert_error(client.post("/v1/completions", json={"model": "base", "prompt": "x", "n": 2}), 422)
+    long_prompt = "y" * 400  # the tiny model's context is 256 tokens
+    error = assert_error(
+        client.post("/v1/completions", json={"model": "base", "prompt": long_prompt}), 400
+    )
+    assert "context" in error["message"] and error["param"] == "prompt"
+    for messages in ([], [{"role": "robot", "content": "hi"}], [{"role": "user"}], "hi"):
+        response = client.post("/v1/chat/completions", json={"model": "base", "messages": messages})
+        assert_error(response, 422)
+
+
+def test_completion_stream_matches_the_plain_answer(client):
+    plain = complete(client, model="v2", prompt="Tell me", max_tokens=8)
+    response = client.post(
+        "/v1/completions",
+        json={"model": "v2", "prompt": "Tell me", "max_tokens": 8, "temperature": 0,
+              "stream": True},
+    )  # fmt: skip
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" and c["model"] == "v2" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+
+
+def test_chat_plain_and_stream_with_usage(client):
+    body = {"model": "v1", "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    plain = client.post("/v1/chat/completions", json=body).json()
+    assert plain["object"] == "chat.completion"
+    assert plain["choices"][0]["message"]["role"] == "assistant"
+    response = client.post(
+        "/v1/chat/completions",
+        json=body | {"stream": True, "stream_options": {"include_usage": True}},
+    )
+    events = sse_events(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == plain["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+
+
+def test_ab_runs_every_arm_in_one_batch(client):
+    response = client.post(
+        "/v1/ab", json={"messages": MESSAGES, "arms": ["base", "v1", "latest"], "max_tokens": 6}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["judge"] == "test-length"
+    assert [a["model"] for a in body["arms"]] == ["base", "v1", "v2"]
+    for arm in body["arms"]:
+        assert 0 <= arm["unsafe_score"] <= 1
+        assert arm["latency_ms"] >= 0 and arm["usage"]["completion_tokens"] >= 1
+        plain = client.post(
+            "/v1/chat/completions",
+            json={"model": arm["model"], "messages": MESSAGES, "max_tokens": 6, "temperature": 0},
+        ).json()
+        assert arm["text"] == plain["choices"][0]["message"]["content"]
+    engine = client.app.state.serving.get_sync().engine
+    assert 3 in engine.batch_sizes
+    unjudged = client.post("/v1/ab", json={"prompt": "hi", "arms": ["base"], "judge": False})
+    assert unjudged.json()["arms"][0]["unsafe_score"] is None
+    error = assert_error(client.post("/v1/ab", json={"prompt": "hi", "arms": ["base", "zz"]}), 404)
+    assert error["param"] == "model"
+    both = {"prompt": "hi", "messages": MESSAGES, "arms": ["base"]}
+    assert_error(client.post("/v1/ab", json=both), 422)
+
+
+def test_new_versions_are_served_without_restart_and_retired_ones_stop(client, store, lm):
+    client.get("/v1/models")  # the engine is running
+    store_version(store.sessions, lm, random_delta(lm, layer=3, seed=3), name="v3")
+    deadline = time.monotonic() + 2
+    while "v3" not in [c["id"] for c in client.get("/v1/models").json()["data"]]:
+        assert time.monotonic() < deadline, "v3 not listed within 2 s"
+        time.sleep(0.05)
+    assert complete(client, model="v3", prompt="a", max_tokens=2)["model"] == "v3"
+    with store.sessions() as session:
+        crud.retire_version(session=session, name="v3")
+    deadline = time.monotonic() + 2
+    while "v3" in [c["id"] for c in client.get("/v1/models").json()["data"]]:
+        assert time.monotonic() < deadline, "v3 still listed 2 s after retiring"
+        time.sleep(0.05)
+    assert_error(client.post("/v1/completions", json={"model": "v3", "prompt": "a"}), 404)

@@ -1,0 +1,71 @@
+"""The official `openai` client, unchanged, against a live server on a loopback port.
+
+The server is the real thing: `create_app` with its default engine, which loads the model the
+settings name (a tiny model saved to a folder, as DETOX_MODEL would point to)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.api.serving_app import live_server
+
+
+@pytest.fixture
+def base_url(tmp_path) -> Iterator[str]:
+    with live_server(tmp_path) as (url, _app):
+        yield f"{url}/v1"
+
+
+def test_openai_client_plain_and_streaming(base_url):
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+    models = [m.id for m in client.models.list()]
+    assert models == ["base", "safe1"]
+
+    messages = [{"role": "user", "content": "Say something."}]
+    chat = client.chat.completions.create(
+        model="safe1", messages=messages, max_tokens=8, temperature=0, seed=1
+    )
+    assert chat.model == "safe1" and chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens >= 1
+    text = chat.choices[0].message.content
+
+    stream = client.chat.completions.create(
+        model="safe1", messages=messages, max_tokens=8, temperature=0, stream=True
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed == text
+
+    completion = client.completions.create(
+        model="base", prompt="Hello", max_tokens=5, temperature=0
+    )
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    pieces = client.completions.create(
+        model="base", prompt="Hello", max_tokens=5, temperature=0, stream=True
+    )
+    assert "".join(p.choices[0].text for p in pieces) == completion.choices[0].text
+
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="nope", messages=messages)
+    assert caught.value.body["param"] == "model"
+
+
+def test_a_client_that_disconnects_frees_its_slot(tmp_path):
+    with live_server(tmp_path, serving_max_tokens=240) as (url, app):
+        body = {"model": "base", "prompt": "a", "max_tokens": 240, "temperature": 0,
+                "stream": True}  # fmt: skip
+        with httpx.Client(base_url=url, timeout=30) as client:
+            with client.stream("POST", "/v1/completions", json=body) as response:
+                assert next(response.iter_lines()).startswith("data: ")
+            # the connection is closed: the request must leave its batch before its 240 tokens
+            engine = app.state.serving.get_sync().engine
+            deadline = time.monotonic() + 10
+            while engine.cancelled == 0:
+                assert time.monotonic() < deadline, "the request was not cancelled"
+                time.sleep(0.02)
+            done = client.post("/v1/completions", json=body | {"stream": False, "max_tokens": 3})
+            assert done.status_code == 200
