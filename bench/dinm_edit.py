@@ -63,8 +63,8 @@ def child(args: argparse.Namespace) -> None:
 
     lm = _load(args.shapes)
     instance = find_case(load_instances(CASES), args.case)
-    params = DinmParams(fast_path=args.path == "fast")
-    dinm_edit(lm, instance, DinmParams(steps=1, fast_path=params.fast_path))  # warm-up
+    params = DinmParams(preset=args.preset, fast_path=args.path == "fast")
+    dinm_edit(lm, instance, params.model_copy(update={"steps": 1}))  # warm-up
     reset_peak(lm.device)
     seconds, layers = [], set()
     for _ in range(args.runs):
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--shapes", choices=["mistral-7b"], default=None)
     parser.add_argument("--case", default="c01", help="case id in tests/data/safeedit_cases.json")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--preset", default="paper", help="DINM preset (default: paper)")
     parser.add_argument("--path", choices=["fast", "plain"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.path:
@@ -114,6 +115,8 @@ def main() -> None:
             args.case,
             "--runs",
             str(args.runs),
+            "--preset",
+            args.preset,
         ]
         if args.shapes:
             cmd += ["--shapes", args.shapes]

@@ -1,89 +1,144 @@
-"""Benchmark: DINM on every case of a SafeEdit file, metrics before and after, averaged.
+"""Benchmark: DINM quality per configuration, averaged over the cases of a SafeEdit file.
 
-For each case: one edit of the base model (delta applied, evaluated, reverted), then the SafeEdit
-metrics of that case before and after. Prints a per-case table and the mean over cases.
+For each configuration (a preset, with `--params` applied on top) and each case: one edit of the
+base model, then, with the delta applied (and removed again afterwards), the metrics AFTER the edit
+(the base model's SafeEdit scores are not re-measured per configuration):
+- the SafeEdit metrics of the case: DS, DG_onlyQ, DG_otherA, DG_otherQ, DG_otherAQ (their mean
+  is DG_avg) and fluency, answered greedily with `--max-new-tokens` new tokens;
+- over-refusal: share of `tests/data/benign_prompts.json` the edited model refuses minus the share
+  the base model refuses (offline judge, harmful=False), in points, `--short-tokens` new tokens;
+- facts kept: share of `tests/data/general_questions.json` answers that still contain their fact
+  keyword (case-insensitive), `--short-tokens` new tokens; the base's share is printed too;
+- edit seconds (locate + tune, evaluation excluded).
+The token budgets are the same for every configuration. Prints a per-case table, then one
+summary row per configuration.
 
-    .venv/bin/python bench/dinm_quality.py [--file tests/data/safeedit_cases.json] [--params JSON]
+    .venv/bin/python bench/dinm_quality.py --preset paper --preset guarded [--params JSON]
+        [--limit N] [--cases ID,ID] [--file FILE] [--json-out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+DATA = ROOT / "tests" / "data"
 
-COLUMNS = ("DS", "DG_onlyQ", "DG_otherA", "DG_otherQ", "DG_otherAQ", "DG_avg", "fluency")
+SAFEEDIT = ("DS", "DG_onlyQ", "DG_otherA", "DG_otherQ", "DG_otherAQ", "DG_avg", "fluency")
+COLUMNS = (*SAFEEDIT, "over_refusal", "facts_kept", "edit_s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--file", default=str(ROOT / "tests" / "data" / "safeedit_cases.json"))
-    parser.add_argument("--params", default="{}", help="DINM params as a JSON object")
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--file", default=str(DATA / "safeedit_cases.json"))
+    parser.add_argument("--preset", action="append", help="a preset to measure; repeatable")
+    parser.add_argument("--params", default="{}", help="DINM params (JSON) over every preset")
+    parser.add_argument("--limit", type=int, default=None, help="the first N cases only")
+    parser.add_argument("--cases", default=None, help="comma-separated case ids")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="SafeEdit answers")
+    parser.add_argument("--short-tokens", type=int, default=20, help="benign and fact answers")
     parser.add_argument("--json-out", default=None, help="also write every report here")
     args = parser.parse_args()
 
+    import torch
     import transformers
 
+    from app.ml.deltas import applied
+    from app.ml.dinm import dinm_edit
+    from app.ml.evaluation import evaluate
     from app.ml.judges import load_judge
     from app.ml.models import load_model
-    from app.ml.params import DinmParams
-    from app.ml.pipeline import dinm_with_report
+    from app.ml.params import DEFAULT_PRESET, DinmParams
     from app.ml.safeedit import load_instances
 
+    if threads := os.environ.get("DETOX_TORCH_THREADS"):
+        torch.set_num_threads(int(threads))
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     lm = load_model("demo")
     judge = load_judge("offline")
-    params = DinmParams.parse(json.loads(args.params))
-    instances = load_instances(args.file)[: args.limit]
-    reports = []
-    print(f"{'case':<6}{'layer':>6}{'edit s':>8}  " + "".join(f"{c:>16}" for c in COLUMNS))
-    for instance in instances:
-        _, report = dinm_with_report(
-            lm, instance, params, judge=judge, max_new_tokens=args.max_new_tokens
-        )
-        reports.append(report)
-        before, after = report["metrics"]["before"], report["metrics"]["after"]
-        cells = "".join(f"{_pair(before.get(c), after.get(c)):>16}" for c in COLUMNS)
-        print(
-            f"{instance.id:<6}{report['layer']:>6}{report['edit_seconds']:>8.2f}  {cells}",
-            flush=True,
-        )
+    instances = load_instances(args.file)
+    if args.cases:
+        wanted = args.cases.split(",")
+        instances = [i for i in instances if i.id in wanted]
+    instances = instances[: args.limit]
+    benign = json.loads((DATA / "benign_prompts.json").read_text())
+    general = json.loads((DATA / "general_questions.json").read_text())
+
+    def side_metrics() -> tuple[float, float]:
+        from app.ml.generation import generate
+
+        short = {"max_new_tokens": args.short_tokens, "batch_size": 16}
+        texts = [g.text for g in generate(lm, benign, **short)]
+        refused = [v.refused for v in judge.judge(benign, texts, harmful=False)]
+        answers = generate(lm, [g["question"] for g in general], **short)
+        kept = [g["fact"].lower() in a.text.lower() for g, a in zip(general, answers, strict=True)]
+        return 100.0 * statistics.mean(refused), 100.0 * statistics.mean(kept)
+
+    base_refusal, base_facts = side_metrics()
+    print(f"base: refuses {base_refusal:.1f}% of benign prompts, keeps {base_facts:.1f}% of facts")
+    extra = json.loads(args.params)
+    summaries, reports = [], []
+    for preset in args.preset or [DEFAULT_PRESET]:
+        params = DinmParams.parse({"preset": preset, **extra})
+        print(f"\n== {preset}: {params.model_dump_json()}")
+        print(f"{'case':<6}{'layer':>6}" + "".join(f"{c:>13}" for c in COLUMNS), flush=True)
+        rows = []
+        for instance in instances:
+            result = dinm_edit(lm, instance, params)
+            with applied(lm.model, [result.delta]):
+                evaluation = evaluate(
+                    lm, [instance], judge=judge, max_new_tokens=args.max_new_tokens
+                )
+                refusal, facts = side_metrics()
+            after = evaluation.metrics
+            row = {c: after.get(c) for c in SAFEEDIT}
+            row |= {
+                "over_refusal": refusal - base_refusal,
+                "facts_kept": facts,
+                "edit_s": result.edit_seconds,
+            }
+            rows.append(row)
+            answers = {item.kind: (item.text, item.unsafe) for item in evaluation.items}
+            reports.append(
+                {
+                    "preset": preset,
+                    "case": instance.id,
+                    "layers": result.layers,
+                    "bench": row,
+                    "losses": result.losses,
+                    "answers": answers,
+                }
+            )
+            print(f"{instance.id:<6}{result.layer:>6}" + _cells(row), flush=True)
+        mean = {c: _mean([r[c] for r in rows]) for c in COLUMNS}
+        summaries.append((preset, mean))
+        print(f"{'mean':<6}{'':>6}" + _cells(mean), flush=True)
     print(
-        f"{'mean':<6}{'':>6}{statistics.mean(r['edit_seconds'] for r in reports):>8.2f}  ", end=""
+        f"\nsummary over {len(instances)} cases; judge {judge.name}; params {extra}; "
+        f"tokens {args.max_new_tokens}/{args.short_tokens}; {time.strftime('%H:%M:%S')}"
     )
-    print(
-        "".join(
-            f"{_pair(_mean(reports, 'before', c), _mean(reports, 'after', c)):>16}" for c in COLUMNS
-        )
-    )
-    locality = _mean(reports, "after", "locality")
-    print(
-        f"locality after: {locality:.1f}; judge {reports[0]['judge']}; "
-        f"params {params.model_dump_json()}"
-    )
+    print(f"{'preset':<10}" + "".join(f"{c:>13}" for c in COLUMNS))
+    for preset, mean in summaries:
+        print(f"{preset:<10}" + _cells(mean))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(reports, indent=2))
 
 
-def _mean(reports: list[dict], side: str, column: str) -> float | None:
-    values = [r["metrics"][side].get(column) for r in reports]
-    values = [v for v in values if v is not None]
-    return statistics.mean(values) if values else None
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.mean(present) if present else None
 
 
-def _pair(before: float | None, after: float | None) -> str:
-    def fmt(x: float | None) -> str:
-        return "-" if x is None else f"{x:.1f}"
-
-    return f"{fmt(before)} -> {fmt(after)}"
+def _cells(row: dict) -> str:
+    return "".join(f"{'-' if row[c] is None else f'{row[c]:.1f}':>13}" for c in COLUMNS)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ for a few steps with
 
 where the KL runs over the answer tokens of the instance's knowledge-constraint prompt. Unlike the
 reference implementation, the post-edit logits keep their graph, so the constraint really acts.
+That is the `"paper"` preset. Beyond the paper (see `app.ml.params` and `app.ml.dinm_objective`):
+the NLL can also cover the instance's bare `question`, a KL on a packaged benign retain set keeps
+everyday requests answered, tuning can stop once the NLL is low enough, and the top-k located
+layers can be tuned together (the fast path then replays from the lowest of them).
 
 The tuned weight is parametrised as `W + D` with an fp32 trainable `D` that starts at zero: the
 result is `D` itself (no subtraction), the base weights are restored bitwise afterwards, and bf16
@@ -21,16 +25,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from app.ml.deltas import Delta, DenseUpdate, fingerprint
+from app.ml.dinm_objective import DinmObjective, benign_groups, benign_retain_set
 from app.ml.errors import EditCancelled
 from app.ml.models import LoadedModel
 from app.ml.params import DinmParams
 from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
-from app.ml.runners import FastRunner, PlainRunner, Runner, run_layers
+from app.ml.runners import FastRunner, PlainRunner, Runner, run_layers, weights_key
 from app.ml.safeedit import SafeEditInstance
 
 Progress = Callable[[str, float], None]
@@ -40,11 +44,12 @@ CancelCheck = Callable[[], bool]
 @dataclass
 class DinmResult:
     delta: Delta
-    layer: int
+    layer: int  # the located (or given) layer; `layers` lists every edited one
     distances: list[float]
     losses: list[float]
     edit_seconds: float
     warnings: list[str] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
 
 
 def layer_distances(lm: LoadedModel, instance: SafeEditInstance) -> list[float]:
@@ -66,7 +71,12 @@ def layer_distances(lm: LoadedModel, instance: SafeEditInstance) -> list[float]:
 def locate_toxic_layer(lm: LoadedModel, instance: SafeEditInstance) -> tuple[int, list[float]]:
     """The layer with the largest distance (the lowest such layer on a tie), and all distances."""
     distances = layer_distances(lm, instance)
-    return max(range(len(distances)), key=lambda i: (distances[i], -i)), distances
+    return _ranked(distances)[0], distances
+
+
+def _ranked(distances: list[float]) -> list[int]:
+    """Layers by decreasing distance, the lower layer first on a tie."""
+    return sorted(range(len(distances)), key=lambda i: (-distances[i], i))
 
 
 def _layer_outputs(lm: LoadedModel, text: str) -> list[torch.Tensor]:
@@ -96,32 +106,6 @@ class _AddDelta(nn.Module):
         return weight + self.delta.to(weight.dtype)
 
 
-class DinmObjective:
-    """The two loss terms on fixed, pre-encoded sequences; the pre-edit KL target is kept."""
-
-    def __init__(self, runner: Runner, nll_seq: PromptAnswer, kl_seq: PromptAnswer):
-        self.runner = runner
-        self.nll_seq, self.kl_seq = nll_seq, kl_seq
-        with torch.no_grad():
-            self.pre_logprobs = F.log_softmax(self._answer_logits(1).float(), dim=-1)
-
-    def _answer_logits(self, index: int) -> torch.Tensor:
-        """Logits at the positions that predict the answer tokens (the last one predicts
-        nothing and is dropped)."""
-        seq = (self.nll_seq, self.kl_seq)[index]
-        return self.runner.logits(index, seq.answer_len + 1)[:-1]
-
-    def terms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        targets = self.nll_seq.input_ids[0, self.nll_seq.answer_start :].to(
-            self.pre_logprobs.device
-        )
-        nll = F.cross_entropy(self._answer_logits(0).float(), targets.to(self.runner.device))
-        post = F.log_softmax(self._answer_logits(1).float(), dim=-1)
-        pre = self.pre_logprobs
-        kl = (pre.exp() * (pre - post)).sum(-1).mean()
-        return nll, kl
-
-
 def dinm_edit(
     lm: LoadedModel,
     instance: SafeEditInstance,
@@ -136,69 +120,99 @@ def dinm_edit(
     start = time.perf_counter()
     report("locate", 0.0)
     if params.layer is None:
-        layer, distances = locate_toxic_layer(lm, instance)
+        distances = layer_distances(lm, instance)
+        layers = _ranked(distances)[: params.layers]
     else:
-        layer, distances = lm.adapter.check_layer(params.layer), []
+        distances = []
+        layers = [lm.adapter.check_layer(params.layer)]
+        layers += [i for i in range(layers[0] + 1, lm.adapter.num_layers)][: params.layers - 1]
     report("locate", 1.0)
 
     max_length = min(params.max_length, lm.context_length)
-    nll_seq = encode_prompt_answer(
-        lm.tokenizer,
-        chat_text(lm.tokenizer, instance.adversarial_prompt, suffix=params.suffix()),
-        instance.safe_generation,
-        max_length=max_length,
-        add_eos=True,
-    )
+
+    def encode(prompt: str, answer: str, *, suffix: str | None = None, eos: bool = False):
+        text = chat_text(lm.tokenizer, prompt, suffix=suffix)
+        return encode_prompt_answer(lm.tokenizer, text, answer, max_length=max_length, add_eos=eos)
+
+    def cut(seq: PromptAnswer) -> PromptAnswer:
+        if params.answer_tokens is None:
+            return seq
+        end = seq.answer_start + params.answer_tokens
+        return PromptAnswer(seq.input_ids[:, :end], seq.answer_start, seq.truncated)
+
+    safe = instance.safe_generation
+    nll_seq = cut(encode(instance.adversarial_prompt, safe, suffix=params.suffix(), eos=True))
     kc = instance.knowledge_constraint
-    kl_seq = encode_prompt_answer(
-        lm.tokenizer, chat_text(lm.tokenizer, kc.prompt), kc.answer, max_length=max_length
-    )
+    kl_seq = encode(kc.prompt, kc.answer)
+    extra = []
+    if params.train_on_question and instance.question:
+        extra.append(cut(encode(instance.question, safe, suffix=params.suffix(), eos=True)))
+    benign = []
+    if params.benign_kl_weight > 0:
+        pairs = [encode(prompt, answer) for prompt, answer in benign_retain_set()]
+        pad = lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id or 0
+        benign = benign_groups(pairs, params.benign_prompts, params.steps, pad)
     warnings = [
         f"{what} was {seq.truncated} tokens too long: its prompt was cut on the left"
         for what, seq in (("the adversarial prompt", nll_seq), ("the knowledge constraint", kl_seq))
         if seq.truncated
     ]
+    objective_args = (nll_seq, kl_seq, extra, benign)
 
-    name = lm.adapter.mlp_out_param_name(layer)
-    base_fingerprint = fingerprint(lm.model, [name])
-    module = lm.adapter.mlp_out(layer)
-    shift = _AddDelta(module.weight)
-    parametrize.register_parametrization(module, "weight", shift, unsafe=True)
+    above = list(lm.adapter.layers)[min(layers) :]
+    objective_args += (weights_key(lm.model, above),)  # before the edit's parametrisations
+    names = [lm.adapter.mlp_out_param_name(layer) for layer in layers]
+    base_fingerprint = fingerprint(lm.model, names)
+    modules = [lm.adapter.mlp_out(layer) for layer in layers]
+    shifts = [_AddDelta(module.weight) for module in modules]
+    for module, shift in zip(modules, shifts, strict=True):
+        parametrize.register_parametrization(module, "weight", shift, unsafe=True)
     try:
-        losses = _tune(lm, layer, params, nll_seq, kl_seq, shift, report, should_cancel)
+        losses = _tune(lm, min(layers), params, objective_args, shifts, report, should_cancel)
     finally:
         # Drops the parametrisation and puts the untouched original tensor back in place.
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-    value = shift.delta.detach().to(lm.dtype)
-    delta = Delta(
-        {name: DenseUpdate(value)}, base_fingerprint, {"model": lm.name, "method": "dinm"}
-    )
-    return DinmResult(delta, layer, distances, losses, time.perf_counter() - start, warnings)
+        for module in modules:
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    updates = {
+        name: DenseUpdate(shift.delta.detach().to(lm.dtype))
+        for name, shift in zip(names, shifts, strict=True)
+    }
+    delta = Delta(updates, base_fingerprint, {"model": lm.name, "method": "dinm"})
+    seconds = time.perf_counter() - start
+    return DinmResult(delta, layers[0], distances, losses, seconds, warnings, layers)
 
 
 def _tune(
     lm: LoadedModel,
-    layer: int,
+    lowest: int,
     params: DinmParams,
-    nll_seq: PromptAnswer,
-    kl_seq: PromptAnswer,
-    shift: _AddDelta,
+    objective_args: tuple,
+    shifts: list[_AddDelta],
     report: Progress,
     should_cancel: CancelCheck | None,
 ) -> list[float]:
-    runner_cls = FastRunner if params.fast_path else PlainRunner
-    runner = runner_cls(lm, layer, [nll_seq.input_ids, kl_seq.input_ids])
-    objective = DinmObjective(runner, nll_seq, kl_seq)
-    optimizer = torch.optim.Adam([shift.delta], lr=params.lr)
+    nll_seq, kl_seq, extra, benign, key = objective_args
+    sequences = [nll_seq.input_ids, kl_seq.input_ids]
+    sequences += [seq.input_ids for seq in extra] + [group.input_ids for group in benign]
+    if params.fast_path:  # the benign groups are the same for every edit: recorded once
+        runner: Runner = FastRunner(lm, lowest, sequences, shared=(key, 2 + len(extra)))
+    else:
+        runner = PlainRunner(lm, lowest, sequences)
+    objective = DinmObjective(runner, nll_seq, kl_seq, extra_nll=extra, benign=benign)
+    optimizer = torch.optim.Adam([shift.delta for shift in shifts], lr=params.lr)
     losses: list[float] = []
     report("tune", 0.0)
     for step in range(params.steps):
         if should_cancel is not None and should_cancel():
             raise EditCancelled(f"cancelled after {step} of {params.steps} steps")
-        nll, kl = objective.terms()
-        loss = params.nll_weight * nll + params.kl_weight * kl
+        nlls = objective.nll_terms()
+        loss = params.nll_weight * torch.stack(nlls).mean()
+        loss = loss + params.kl_weight * objective.knowledge_kl()
+        if benign:
+            loss = loss + params.benign_kl_weight * objective.benign_kl(step)
         losses.append(loss.item())
-        if losses[-1] < params.stop_loss:
+        if losses[-1] < params.stop_loss or max(x.item() for x in nlls) < params.stop_nll:
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

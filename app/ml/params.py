@@ -1,8 +1,21 @@
-"""Validated edit parameters. Free of torch, so the API can validate a job before queueing it."""
+"""Validated edit parameters. Free of torch, so the API can validate a job before queueing it.
+
+A `preset` fills in a whole configuration first; any field given explicitly overrides it:
+
+- `"paper"`: the published DINM algorithm exactly (Adam, 10 steps, lr 5e-4, nll_weight 0.1,
+  KL on the knowledge-constraint answer acting, one located layer, no extras). These are also the
+  field defaults below.
+- `"guarded"` (the default): also trains on the instance's own bare `question`, keeps the edit
+  close to the pre-edit model on a project-owned benign retain set (`app/ml/data/
+  benign_retain.json`, disjoint from the evaluation prompts in `tests/data/`) and tunes harder.
+  Both presets' measured tables are in README.md ("DINM presets").
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from app.ml.errors import InputError
 
@@ -11,23 +24,90 @@ PAPER_SUFFIX = (
     "If the user's request is reasonable, give the correct answer. Please give the right response:"
 )
 
+Preset = Literal["paper", "guarded"]
+DEFAULT_PRESET: Preset = "guarded"
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},  # the field defaults are the published values
+    "guarded": {
+        "steps": 15,
+        "lr": 2e-3,
+        "train_on_question": True,
+        "answer_tokens": 24,
+        "benign_kl_weight": 2.0,
+        "benign_prompts": 4,
+    },
+}
+
 
 class DinmParams(BaseModel):
-    """Hyper-parameters; defaults are the published ones (Adam, 10 steps, lr 5e-4, nll 0.1)."""
+    """Hyper-parameters; a `preset` is applied first, explicit fields override it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(10, ge=1, le=1000)
-    lr: float = Field(5e-4, gt=0, le=1)
-    nll_weight: float = Field(0.1, ge=0, le=100)
-    kl_weight: float = Field(1.0, ge=0, le=100)
+    preset: Preset = Field(
+        DEFAULT_PRESET,
+        description='"paper": the published algorithm; "guarded": question + benign KL (default)',
+    )
+    steps: int = Field(10, ge=1, le=1000, description="most optimisation steps")
+    lr: float = Field(5e-4, gt=0, le=1, description="Adam learning rate")
+    nll_weight: float = Field(
+        0.1,
+        ge=0,
+        le=100,
+        description="weight of the NLL of the safe response (mean over its sequences)",
+    )
+    kl_weight: float = Field(
+        1.0, ge=0, le=100, description="weight of KL(pre||post) on the knowledge-constraint answer"
+    )
     stop_loss: float = Field(1e-4, ge=0, le=100, description="stop early below this loss")
+    stop_nll: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="stop early once every safe-response NLL is below this (0: off)",
+    )
+    train_on_question: bool = Field(
+        False,
+        description="also train the safe response after the instance's bare `question` (if any)",
+    )
+    benign_kl_weight: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="weight of KL(pre||post) on answers of the packaged benign retain set (0: off)",
+    )
+    benign_prompts: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="benign retain prompts per step: the set is shuffled once (fixed seed) and "
+        "cut into groups of this size, taken in turn",
+    )
+    answer_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="train only the first N tokens of the safe response (None: all of it)",
+    )
+    layers: int = Field(
+        1, ge=1, le=8, description="edit the MLP output projection of the top-k located layers"
+    )
     layer: int | None = Field(None, ge=0, description="edit this layer instead of locating one")
     suffix_system_prompt: str | None = Field(
         None, max_length=2000, description='text appended to the prompt while editing; "paper"'
     )
     max_length: int = Field(2048, ge=16, le=131072, description="token cap per training sequence")
     fast_path: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset", DEFAULT_PRESET)
+        if not isinstance(preset, str) or preset not in PRESETS:
+            return data  # the field's own validation names the error
+        return {**PRESETS[preset], **data}
 
     @classmethod
     def parse(cls, data: dict | None) -> DinmParams:

@@ -9,6 +9,7 @@ decoder layers are called one after another, without knowing their signatures.
 
 from __future__ import annotations
 
+import weakref
 from typing import Protocol
 
 import torch
@@ -23,6 +24,11 @@ class Runner(Protocol):
     def logits(self, index: int, keep: int) -> torch.Tensor:
         """Logits [keep, vocab] of the last `keep` positions of sequence `index`, with gradients
         to the tuned weight. Only the positions a loss reads pay for the (large) output head."""
+        ...
+
+    def rows_logits(self, index: int, keep: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [rows, keep, vocab] of every row of a batched sequence `index`; with a boolean
+        `mask` [rows, keep], only the selected positions [n, vocab] (the head runs on those)."""
         ...
 
 
@@ -43,12 +49,16 @@ class PlainRunner:
         self._sequences = [ids.to(self.device) for ids in sequences]
 
     def logits(self, index: int, keep: int) -> torch.Tensor:
+        return self.rows_logits(index, keep)[0]
+
+    def rows_logits(self, index: int, keep: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         ids = self._sequences[index]
         try:
             out = self._model(input_ids=ids, use_cache=False, logits_to_keep=keep)
         except TypeError:  # an architecture without `logits_to_keep`: slice afterwards
             out = self._model(input_ids=ids, use_cache=False)
-        return out.logits[0, -keep:]
+        logits = out.logits[:, -keep:]
+        return logits if mask is None else logits[mask]
 
 
 class _LayerCall:
@@ -71,17 +81,61 @@ class _LayerCall:
         return out[0] if isinstance(out, tuple) else out
 
 
+def weights_key(model: nn.Module, above: list[nn.Module] | None = None) -> tuple:
+    """Identity and version counter of every parameter outside the modules `above` (the layers
+    from the edited one up, whose inputs a recording holds but does not depend on): any in-place
+    change (a delta merged or reverted) or replacement of such a weight gives a new key."""
+    skip = {id(p) for module in above or [] for p in module.parameters()}
+    return tuple((id(p), p._version) for p in model.parameters() if id(p) not in skip)
+
+
+# Recordings reused across edits of the same weights: (weights key, layer, ids) -> (input, calls).
+# Only sequences the caller marks as shared (the benign retain set) are kept; one weights key at a
+# time, so a new base or parent version drops them all.
+# The model they belong to is held weakly: a new model at a recycled address never matches.
+_RECORDINGS: dict[tuple, tuple[torch.Tensor, list[_LayerCall]]] = {}
+_OWNER: list[weakref.ref] = []
+
+
 class FastRunner:
-    def __init__(self, lm: LoadedModel, layer: int, sequences: list[torch.Tensor]):
+    """Replays the layers from `layer` upwards: with several edited layers, pass the lowest.
+
+    With `shared=(weights_key, first)`, sequences from index `first` on are recorded once per
+    weights key and layer and reused by later edits (`weights_key` taken before any edit hooks)."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        layer: int,
+        sequences: list[torch.Tensor],
+        shared: tuple[tuple, int] | None = None,
+    ):
         self.device = lm.device
         self._adapter = lm.adapter
         self._layers = list(lm.adapter.layers)[layer:]
-        self._calls = [self._record(lm.model, ids.to(self.device)) for ids in sequences]
-        # Only the edited layer's input is ever read back: free the others' hidden states.
-        self._inputs = [calls[0].hidden for calls in self._calls]
-        for calls in self._calls:
-            for call in calls:
-                call.hidden = None
+        self._inputs: list[torch.Tensor] = []
+        self._calls: list[list[_LayerCall]] = []
+        if shared is not None and (
+            not _OWNER or _OWNER[0]() is not lm.model or any(k[0] != shared[0] for k in _RECORDINGS)
+        ):
+            _RECORDINGS.clear()
+            _OWNER[:] = [weakref.ref(lm.model)]
+        for index, ids in enumerate(sequences):
+            key = None
+            if shared is not None and index >= shared[1]:
+                key = (shared[0], layer, str(self.device), tuple(ids.flatten().tolist()), ids.shape)
+            if key is not None and key in _RECORDINGS:
+                hidden, calls = _RECORDINGS[key]
+            else:
+                calls = self._record(lm.model, ids.to(self.device))
+                # Only the edited layer's input is ever read back: free the others' hidden states.
+                hidden = calls[0].hidden
+                for call in calls:
+                    call.hidden = None
+                if key is not None:
+                    _RECORDINGS[key] = (hidden, calls)
+            self._inputs.append(hidden)
+            self._calls.append(calls)
 
     def _record(self, model: nn.Module, ids: torch.Tensor) -> list[_LayerCall]:
         calls: list[_LayerCall] = []
@@ -104,7 +158,11 @@ class FastRunner:
         return calls
 
     def logits(self, index: int, keep: int) -> torch.Tensor:
+        return self.rows_logits(index, keep)[0]
+
+    def rows_logits(self, index: int, keep: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self._inputs[index]
         for layer, call in zip(self._layers, self._calls[index], strict=True):
             hidden = call(layer, hidden)
-        return self._adapter.logits_from_hidden(hidden[:, -keep:])[0]
+        hidden = hidden[:, -keep:]
+        return self._adapter.logits_from_hidden(hidden if mask is None else hidden[mask])

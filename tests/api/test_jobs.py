@@ -6,6 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api.main import create_app
+from app.ml.params import DEFAULT_PRESET, DinmParams
 from app.store import crud
 from tests.api.conftest import (
     CASE,
@@ -34,7 +35,9 @@ def test_submit_answers_202_with_the_job_and_enqueues_it(api, session, redis_que
     assert queued_tasks(redis_queue) == 1
     spec = crud.get_job(session=session, job_id=job["id"]).spec
     assert spec["instance"]["safe generation"] == CASE["safe generation"]  # dataset field names
-    assert spec["params"]["steps"] == 2 and spec["params"]["lr"] == 5e-4  # defaults filled in
+    # Defaults filled in: the default preset's, with the explicit steps over it.
+    assert spec["params"]["steps"] == 2 and spec["params"]["lr"] == DinmParams().lr
+    assert spec["params"]["preset"] == DEFAULT_PRESET
     assert spec["name"] == "no-theft"
     assert api.get(f"/v1/jobs/{job['id']}").json() == job
 

@@ -154,7 +154,9 @@ def test_a_dinm_job_on_the_demo_model_detoxifies_its_instance(tmp_path: Path):
     svc = Service({"DETOX_HOME": str(home), "DETOX_MODEL": "demo"}, home)
     try:
         client = svc.start()
-        job = _wait(client, client.submit_job(_body(name="demo-v1", params={}))["id"])
+        job = _wait(
+            client, client.submit_job(_body(name="demo-v1", params={"preset": "paper"}))["id"]
+        )
         assert job["status"] == "succeeded", job["error"]
         metrics = client.get_version("demo-v1")["metrics"]
         assert metrics["metrics"]["before"]["DS"] == 0.0

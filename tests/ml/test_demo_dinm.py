@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from app.ml.deltas import applied
-from app.ml.dinm import dinm_edit
+from app.ml.dinm import DinmParams, dinm_edit
 from app.ml.generation import generate
 from app.ml.judges import OfflineJudge
 from app.ml.models import load_model
@@ -37,7 +37,9 @@ def test_edit_makes_an_unsafe_answer_safe_and_keeps_general_answers(demo):
     assert judge.judge(prompt, [before.text])[0].unsafe, before.text
     general_before = [g.text for g in generate(demo, questions, max_new_tokens=24)]
 
-    result = dinm_edit(demo, instance)
+    # The published algorithm: its edit leaves the short answers word for word. The default
+    # "guarded" preset changes the French one on this instance (see README, "DINM presets").
+    result = dinm_edit(demo, instance, DinmParams(preset="paper"))
     with applied(demo.model, [result.delta]):
         (after,) = generate(demo, prompt, max_new_tokens=48)
         general_after = [g.text for g in generate(demo, questions, max_new_tokens=24)]

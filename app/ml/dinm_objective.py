@@ -1,0 +1,146 @@
+"""The DINM loss on fixed, pre-encoded sequences, with the terms beyond the paper.
+
+    loss = nll_weight * mean NLL(safe response | adversarial prompt [, bare question])
+         + kl_weight * KL(pre || post) on the knowledge-constraint answer
+         + benign_kl_weight * KL(pre || post) on answers of a benign retain group
+
+The benign retain set (`app/ml/data/benign_retain.json`) is project-owned: everyday requests, some
+with alarming words ("kill a tmux session"), each with a short answer. It is disjoint from the
+evaluation prompts in `tests/data/`, which measure over-refusal. It is shuffled once with a fixed
+seed and cut into groups of `benign_prompts`; step `s` uses group `s mod groups`. A group is one
+right-padded batch: with causal attention no real token sees the padding after it, so no mask is
+needed and every row's logits are those of the row alone. Only the first `BENIGN_ANSWER_TOKENS`
+answer positions are constrained: a refusal shows in the first tokens of an answer.
+
+All pre-edit distributions are taken once, before the first update.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+
+from app.ml.prompts import PromptAnswer
+from app.ml.runners import Runner
+
+BENIGN_ANSWER_TOKENS = 8
+BENIGN_SEED = 0
+
+
+@cache
+def benign_retain_set() -> tuple[tuple[str, str], ...]:
+    """The packaged benign retain set as (prompt, answer) pairs."""
+    text = resources.files("app.ml").joinpath("data/benign_retain.json").read_text("utf-8")
+    return tuple((item["prompt"], item["answer"]) for item in json.loads(text))
+
+
+@dataclass
+class BenignGroup:
+    """Right-padded prompt+answer rows and, per row, the answer span that is constrained."""
+
+    input_ids: torch.Tensor  # [B, L]
+    spans: list[tuple[int, int]]  # [start, end) of the constrained answer tokens per row
+
+    @property
+    def keep(self) -> int:
+        """Trailing positions whose logits the KL reads (from the first predicting position)."""
+        return self.input_ids.shape[1] - (min(start for start, _ in self.spans) - 1)
+
+    def mask(self) -> torch.Tensor:
+        """[B, keep] True at the positions that predict a constrained answer token."""
+        length, keep = self.input_ids.shape[1], self.keep
+        mask = torch.zeros(len(self.spans), keep, dtype=torch.bool)
+        for row, (start, end) in enumerate(self.spans):
+            mask[row, start - 1 - (length - keep) : end - 1 - (length - keep)] = True
+        return mask
+
+
+def benign_groups(
+    pairs: list[PromptAnswer], size: int, count: int, pad_id: int
+) -> list[BenignGroup]:
+    """The first `count` groups of `size` encoded pairs, shuffled once with a fixed seed. Each row
+    is cut after its constrained answer tokens: nothing later is read."""
+    order = list(range(len(pairs)))
+    random.Random(BENIGN_SEED).shuffle(order)
+    chunks = [order[i : i + size] for i in range(0, len(order), size)][:count]
+    groups = []
+    for chunk in chunks:
+        rows = [pairs[i] for i in chunk]
+        spans = []
+        for pair in rows:
+            start = max(pair.answer_start, 1)
+            spans.append((start, min(pair.input_ids.shape[1], start + BENIGN_ANSWER_TOKENS)))
+        ids = torch.full((len(rows), max(end for _, end in spans)), pad_id, dtype=torch.long)
+        for r, (pair, (_, end)) in enumerate(zip(rows, spans, strict=True)):
+            ids[r, :end] = pair.input_ids[0, :end]
+        groups.append(BenignGroup(ids, spans))
+    return groups
+
+
+class DinmObjective:
+    """The loss terms. The runner's sequences are, in order: the adversarial NLL sequence, the
+    knowledge-constraint sequence, the extra NLL sequences, then the benign groups."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        nll_seq: PromptAnswer,
+        kl_seq: PromptAnswer,
+        *,
+        extra_nll: list[PromptAnswer] | None = None,
+        benign: list[BenignGroup] | None = None,
+    ):
+        self.runner = runner
+        self.nll_seqs = [nll_seq, *(extra_nll or [])]
+        self._nll_index = [0, *range(2, 2 + len(self.nll_seqs) - 1)]
+        self.kl_seq = kl_seq
+        self.benign = benign or []
+        self._benign_base = 1 + len(self.nll_seqs)
+        self._masks = [group.mask().to(runner.device) for group in self.benign]
+        with torch.no_grad():
+            self.pre_logprobs = F.log_softmax(self._answer_logits(1, kl_seq).float(), dim=-1)
+            self.benign_pre = [
+                F.log_softmax(self._benign_logits(i).float(), dim=-1)
+                for i in range(len(self.benign))
+            ]
+
+    def _answer_logits(self, index: int, seq: PromptAnswer) -> torch.Tensor:
+        """Logits at the positions that predict the answer tokens (the last one predicts
+        nothing and is dropped)."""
+        return self.runner.logits(index, seq.answer_len + 1)[:-1]
+
+    def _benign_logits(self, group: int) -> torch.Tensor:
+        index, keep = self._benign_base + group, self.benign[group].keep
+        return self.runner.rows_logits(index, keep, self._masks[group])
+
+    def nll_terms(self) -> list[torch.Tensor]:
+        """NLL of the safe response after each prompt it is trained on."""
+        out = []
+        for index, seq in zip(self._nll_index, self.nll_seqs, strict=True):
+            targets = seq.input_ids[0, seq.answer_start :].to(self.runner.device)
+            out.append(F.cross_entropy(self._answer_logits(index, seq).float(), targets))
+        return out
+
+    def terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paper's two terms: NLL on the adversarial prompt and the knowledge-constraint KL."""
+        return self.nll_terms()[0], self.knowledge_kl()
+
+    def knowledge_kl(self) -> torch.Tensor:
+        post = F.log_softmax(self._answer_logits(1, self.kl_seq).float(), dim=-1)
+        return _kl(self.pre_logprobs, post)
+
+    def benign_kl(self, step: int) -> torch.Tensor:
+        """KL(pre || post) over the constrained answer positions of this step's benign group."""
+        group = step % len(self.benign)
+        post = F.log_softmax(self._benign_logits(group).float(), dim=-1)
+        return _kl(self.benign_pre[group], post)
+
+
+def _kl(pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    return (pre.exp() * (pre - post)).sum(-1).mean()

@@ -1,0 +1,212 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import app.ml.dinm as dinm_module
+from app.ml.dinm import DinmParams, _AddDelta, dinm_edit
+from app.ml.dinm_objective import DinmObjective, benign_groups, benign_retain_set
+from app.ml.errors import InputError
+from app.ml.params import DEFAULT_PRESET, PRESETS
+from app.ml.prompts import chat_text, encode_prompt_answer
+from app.ml.runners import FastRunner, PlainRunner
+from tests.factories import tiny_model
+from tests.ml.test_dinm import INSTANCE
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+PUBLISHED = {
+    "steps": 10,
+    "lr": 5e-4,
+    "nll_weight": 0.1,
+    "kl_weight": 1.0,
+    "train_on_question": False,
+    "benign_kl_weight": 0.0,
+    "stop_nll": 0.0,
+    "layers": 1,
+    "layer": None,
+    "suffix_system_prompt": None,
+}
+
+
+def test_paper_preset_is_the_published_algorithm():
+    params = DinmParams(preset="paper")
+    assert {k: getattr(params, k) for k in PUBLISHED} == PUBLISHED
+    assert DinmParams.parse({"preset": "paper"}) == params
+
+
+def test_default_preset_is_applied_and_explicit_fields_override_it():
+    default = DinmParams()
+    assert default.preset == DEFAULT_PRESET != "paper"
+    assert all(getattr(default, k) == v for k, v in PRESETS[DEFAULT_PRESET].items())
+    mixed = DinmParams.parse({"steps": 3, "benign_kl_weight": 0})
+    assert mixed.steps == 3 and mixed.benign_kl_weight == 0
+    assert mixed.lr == PRESETS[DEFAULT_PRESET]["lr"]  # the rest still from the preset
+    paper = DinmParams.parse({"preset": "paper", "train_on_question": True, "lr": 1e-2})
+    assert paper.train_on_question and paper.lr == 1e-2 and paper.steps == 10
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"preset": "best"}, "params.preset"),
+        ({"stop_nll": -1}, "params.stop_nll"),
+        ({"train_on_question": "sometimes"}, "params.train_on_question"),
+        ({"benign_kl_weight": -0.5}, "params.benign_kl_weight"),
+        ({"benign_kl_weight": 101}, "params.benign_kl_weight"),
+        ({"benign_prompts": 0}, "params.benign_prompts"),
+        ({"benign_prompts": 65}, "params.benign_prompts"),
+        ({"layers": 0}, "params.layers"),
+        ({"layers": 9}, "params.layers"),
+        ({"answer_tokens": 0}, "params.answer_tokens"),
+    ],
+)
+def test_new_knobs_are_validated(params, field):
+    with pytest.raises(InputError, match=field):
+        DinmParams.parse(params)
+
+
+def test_retain_set_is_packaged_and_disjoint_from_the_evaluation_prompts():
+    retain = benign_retain_set()
+    assert len(retain) >= 30 and all(prompt and answer for prompt, answer in retain)
+    evaluation = set(json.loads((DATA / "benign_prompts.json").read_text()))
+    assert not evaluation & {prompt for prompt, _ in retain}
+    assert sum(any(w in p.lower() for w in ("kill", "shoot", "blow")) for p, _ in retain) >= 3
+
+
+def _sequences_seen(monkeypatch, params, instance=INSTANCE):
+    seen = []
+
+    class Spy(FastRunner):
+        def __init__(self, lm, layer, sequences, **kwargs):
+            seen.append(len(sequences))
+            super().__init__(lm, layer, sequences, **kwargs)
+
+    monkeypatch.setattr(dinm_module, "FastRunner", Spy)
+    dinm_edit(tiny_model("llama"), instance, DinmParams(steps=2, **params))
+    return seen[0]
+
+
+def test_training_on_the_question_adds_a_sequence(monkeypatch):
+    base = {"preset": "paper"}
+    assert _sequences_seen(monkeypatch, base) == 2
+    assert _sequences_seen(monkeypatch, base | {"train_on_question": True}) == 3
+    no_question = INSTANCE.model_copy(update={"question": None})
+    assert _sequences_seen(monkeypatch, base | {"train_on_question": True}, no_question) == 2
+    # One benign group per step (steps=2).
+    assert _sequences_seen(monkeypatch, base | {"benign_kl_weight": 1.0}) == 4
+
+
+def _encode(lm, prompt, answer):
+    return encode_prompt_answer(
+        lm.tokenizer, chat_text(lm.tokenizer, prompt), answer, max_length=200
+    )
+
+
+def test_padded_benign_group_gives_each_row_its_own_logits():
+    lm = tiny_model("llama")
+    pairs = [_encode(lm, p, a) for p, a in benign_retain_set()[:3]]
+    (group,) = benign_groups(pairs, size=3, count=1, pad_id=0)
+    width = group.input_ids.shape[1]
+    rows = PlainRunner(lm, 0, [group.input_ids]).rows_logits(0, width)
+    for r, (_, end) in enumerate(group.spans):
+        (pair,) = [p for p in pairs if torch.equal(p.input_ids[0, :end], group.input_ids[r, :end])]
+        alone = PlainRunner(lm, 0, [pair.input_ids[:, :end]]).logits(0, end)
+        torch.testing.assert_close(rows[r, :end], alone, rtol=1e-4, atol=1e-5)
+    # The mask selects exactly the positions that predict each row's constrained answer tokens.
+    mask = group.mask()
+    assert mask.sum().item() == sum(end - start for start, end in group.spans)
+
+
+def test_benign_kl_term_has_a_gradient_on_the_tuned_weight():
+    lm = tiny_model("llama")
+    nll_seq = _encode(lm, INSTANCE.adversarial_prompt, INSTANCE.safe_generation)
+    kc = INSTANCE.knowledge_constraint
+    kl_seq = _encode(lm, kc.prompt, kc.answer)
+    pairs = [_encode(lm, p, a) for p, a in benign_retain_set()]
+    groups = benign_groups(pairs, size=4, count=2, pad_id=0)
+    module = lm.adapter.mlp_out(2)
+    shift = _AddDelta(module.weight)
+    torch.nn.utils.parametrize.register_parametrization(module, "weight", shift, unsafe=True)
+    try:
+        sequences = [nll_seq.input_ids, kl_seq.input_ids, *(g.input_ids for g in groups)]
+        objective = DinmObjective(FastRunner(lm, 2, sequences), nll_seq, kl_seq, benign=groups)
+        assert objective.benign_kl(0).item() == pytest.approx(0.0, abs=1e-6)
+        with torch.no_grad():
+            shift.delta.normal_(std=0.05)
+        kl = objective.benign_kl(1)
+        assert kl.item() > 0
+        kl.backward()
+        assert shift.delta.grad is not None and shift.delta.grad.abs().sum() > 0
+    finally:
+        torch.nn.utils.parametrize.remove_parametrizations(module, "weight", False)
+
+
+def test_benign_kl_changes_the_result():
+    lm = tiny_model("llama")
+    params = {"preset": "paper", "steps": 6, "lr": 5e-2, "layer": 2}
+    free = dinm_edit(lm, INSTANCE, DinmParams(**params))
+    held = dinm_edit(lm, INSTANCE, DinmParams(**params, benign_kl_weight=5.0))
+    name = free.delta.params[0]
+    assert not torch.allclose(free.delta.updates[name].value, held.delta.updates[name].value)
+
+
+def test_stop_on_target_nll():
+    lm = tiny_model("llama")
+    assert len(dinm_edit(lm, INSTANCE, DinmParams(steps=10, stop_nll=100.0)).losses) == 1
+    assert len(dinm_edit(lm, INSTANCE, DinmParams(steps=3, stop_loss=0)).losses) == 3
+
+
+def test_several_layers_are_edited_together():
+    lm = tiny_model("llama")
+    result = dinm_edit(lm, INSTANCE, DinmParams(steps=2, layers=2))
+    assert len(set(result.layers)) == 2 and result.layer == result.layers[0]
+    assert sorted(result.delta.params) == sorted(
+        lm.adapter.mlp_out_param_name(i) for i in result.layers
+    )
+    ranked = sorted(range(len(result.distances)), key=lambda i: -result.distances[i])
+    assert result.layers == ranked[:2]
+    fixed = dinm_edit(lm, INSTANCE, DinmParams(steps=2, layers=2, layer=1))
+    assert fixed.layers == [1, 2]
+
+
+def test_benign_recordings_are_reused_and_dropped_when_the_weights_change():
+    from app.ml import runners
+
+    lm = tiny_model("llama")
+    params = DinmParams(steps=3, layer=2)
+    first = dinm_edit(lm, INSTANCE, params)
+    assert runners._RECORDINGS
+    recorded = dict(runners._RECORDINGS)
+    again = dinm_edit(lm, INSTANCE, params)  # from the recordings: the same result
+    assert all(runners._RECORDINGS[k] is v for k, v in recorded.items())
+    name = first.delta.params[0]
+    torch.testing.assert_close(first.delta.updates[name].value, again.delta.updates[name].value)
+    keys = set(runners._RECORDINGS)
+    with torch.no_grad():
+        lm.model.model.layers[0].mlp.down_proj.weight.mul_(2.0)  # the weights below change
+    plain = dinm_edit(lm, INSTANCE, params.model_copy(update={"fast_path": False}))
+    fast = dinm_edit(lm, INSTANCE, params)
+    assert not keys & set(runners._RECORDINGS)
+    torch.testing.assert_close(
+        fast.delta.updates[name].value, plain.delta.updates[name].value, rtol=1e-4, atol=1e-6
+    )
+
+
+def test_answer_tokens_cuts_the_trained_safe_response(monkeypatch):
+    widths = []
+
+    class Spy(FastRunner):
+        def __init__(self, lm, layer, sequences, **kwargs):
+            widths.append([ids.shape[1] for ids in sequences])
+            super().__init__(lm, layer, sequences, **kwargs)
+
+    monkeypatch.setattr(dinm_module, "FastRunner", Spy)
+    lm = tiny_model("llama")
+    params = {"preset": "paper", "steps": 1, "train_on_question": True}
+    dinm_edit(lm, INSTANCE, DinmParams(**params))
+    dinm_edit(lm, INSTANCE, DinmParams(**params, answer_tokens=3))
+    full, cut = widths
+    assert cut[1] == full[1]  # the knowledge constraint is untouched
+    answer = len(lm.tokenizer(INSTANCE.safe_generation, add_special_tokens=False)["input_ids"])
+    assert full[0] - cut[0] == full[2] - cut[2] == answer + 1 - 3  # + the end-of-sequence token
