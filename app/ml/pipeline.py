@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import torch
 
 from app.ml.deltas import applied
 from app.ml.dinm import CancelCheck, DinmParams, DinmResult, Progress, dinm_edit
-from app.ml.evaluation import compare, evaluate, knowledge_logprobs, locality
+from app.ml.evaluation import Evaluation, compare, evaluate, knowledge_logprobs, locality
 from app.ml.judges import Judge
 from app.ml.memory import peak_mb, reset_peak
 from app.ml.models import LoadedModel
@@ -27,30 +27,23 @@ def dinm_with_report(
     """Evaluate, edit, evaluate with the delta applied; the model is left as it was."""
     report_stage = progress or (lambda _stage, _fraction: None)
 
-    def stage(name: str) -> Callable[[float], None]:
-        return lambda fraction: report_stage(name, fraction)
-
-    reset_peak(lm.device)
-    before = evaluate(
-        lm,
-        [instance],
-        judge=judge,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        progress=stage("eval-before"),
-    )
-    pre = knowledge_logprobs(lm, [instance])
-    result = dinm_edit(lm, instance, params, progress=progress, should_cancel=should_cancel)
-    with applied(lm.model, [result.delta]):
-        after = evaluate(
+    def measure(stage: str) -> tuple[Evaluation, list[torch.Tensor]]:
+        """SafeEdit answers and knowledge-constraint log-probs of the model as it is now."""
+        evaluation = evaluate(
             lm,
             [instance],
             judge=judge,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
-            progress=stage("eval-after"),
+            progress=lambda fraction: report_stage(stage, fraction),
         )
-        post = knowledge_logprobs(lm, [instance])
+        return evaluation, knowledge_logprobs(lm, [instance])
+
+    reset_peak(lm.device)
+    before, pre = measure("eval-before")
+    result = dinm_edit(lm, instance, params, progress=progress, should_cancel=should_cancel)
+    with applied(lm.model, [result.delta]):
+        after, post = measure("eval-after")
     comparison = compare(before, after)
     comparison["metrics"]["after"].update(locality(pre, post))
     report = {
