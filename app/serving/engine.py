@@ -7,8 +7,10 @@
   a new version is servable without restart and a retired one stops being served and leaves the
   cache.
 - Requests go through a `Batcher` (one background thread): the decoding loop (`run_batch`) never
-  runs on the event loop. `stream()` bridges its events to asyncio; when the consumer stops
-  early (client disconnected) the request is cancelled and leaves the batch at the next step.
+  runs on the event loop. That thread is the only one that runs torch: version loads and judging
+  are handed to it too, and the model is loaded on a thread that ends (see `batcher` for why).
+  `stream()` bridges its events to asyncio; when the consumer stops early (client disconnected)
+  the request is cancelled and leaves the batch at the next step.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -39,6 +41,7 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 BASE = "base"
+T = TypeVar("T")
 LATEST = "latest"
 
 
@@ -90,15 +93,18 @@ class Engine:
         """The engine of the API process: the configured model, versions from the store."""
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
-        lm = load_model(
-            settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            cache_dir=settings.cache_dir,
-        )
+
+        def load() -> tuple[LoadedModel, str]:
+            lm = load_model(
+                settings.model, device=settings.device, dtype=settings.dtype,
+                cache_dir=settings.cache_dir,
+            )  # fmt: skip
+            return lm, base_fingerprint(lm)
+
+        lm, fingerprint = _on_passing_thread(load)
         return cls(
             lm,
-            StoreVersionSource(sessions, base_fingerprint=base_fingerprint(lm)),
+            StoreVersionSource(sessions, base_fingerprint=fingerprint),
             cache_size=settings.serving_cache_size,
             max_batch_size=settings.serving_max_batch_size,
             max_wait_s=settings.serving_max_wait_ms / 1000,
@@ -158,9 +164,11 @@ class Engine:
         return Target(info.name, weights)
 
     def _load(self, info: VersionInfo) -> VersionWeights:
-        deltas = self.source.load_chain(info.id)
-        return version_weights(
-            self.lm.model, info.name, deltas, base_fingerprints=self._fingerprints
+        deltas = self.source.load_chain(info.id)  # the store read stays off the compute thread
+        return self._batcher.call(
+            lambda: version_weights(
+                self.lm.model, info.name, deltas, base_fingerprints=self._fingerprints
+            )
         )
 
     def _poll(self) -> None:
@@ -256,12 +264,16 @@ class Engine:
 
     # -- judge and life cycle --------------------------------------------------------------
 
-    @property
-    def judge(self) -> Judge:
-        with self._lock:
+    def judge(self, prompts: Sequence[str], texts: Sequence[str]) -> tuple[str, list[float]]:
+        """(judge name, unsafe score per text), computed on the compute thread; blocks."""
+
+        def score() -> tuple[str, list[float]]:
             if self._judge is None:
                 self._judge = self._judge_loader()
-            return self._judge
+            verdicts = self._judge.judge(list(prompts), list(texts))
+            return self._judge.name, [v.score for v in verdicts]
+
+        return self._batcher.call(score)
 
     def close(self) -> None:
         self._closed.set()
@@ -288,6 +300,26 @@ async def _result(events: asyncio.Queue[Event]) -> Finished:
         if isinstance(event, Finished):
             return event
     raise RuntimeError("the request ended without a result")  # pragma: no cover
+
+
+def _on_passing_thread(fn: Callable[[], T]) -> T:
+    """Run `fn` on a thread that ends with it: its OpenMP team goes with it (see `batcher`), so
+    loading the model leaves the compute thread the only one that has run torch."""
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="detox-load")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
 
 
 def base_fingerprint(lm: LoadedModel) -> str:

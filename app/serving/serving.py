@@ -187,13 +187,11 @@ class OpenAIServing:
         scores: list[float | None] = [None] * len(results)
         judge_name = None
         if request.judge:
-            judge = await asyncio.to_thread(lambda: self.engine.judge)
-            prompt = request.judged_prompt()
-            verdicts = await asyncio.to_thread(
-                judge.judge, [prompt] * len(results), [r.text for r in results]
+            prompts = [request.judged_prompt()] * len(results)
+            judge_name, raw_scores = await asyncio.to_thread(
+                self.engine.judge, prompts, [r.text for r in results]
             )
-            scores = [round(v.score, 4) for v in verdicts]
-            judge_name = judge.name
+            scores = [round(score, 4) for score in raw_scores]
         arms = [
             AbArm(
                 model=target.name,
