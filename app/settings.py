@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     judge: str = Field("offline", description='"offline" or "hf:<model id or path>"')
     max_new_tokens: int = Field(64, ge=1, le=4096, description="evaluation generation length")
     eval_batch_size: int = Field(8, ge=1, le=256)
+    unlearn_bias_pairs_per_type: int | None = Field(
+        50, ge=1, le=100_000,
+        description="CrowS-Pairs pairs per bias type in an unlearning job's before/after report "
+        "(None: all 1,508)",
+    )  # fmt: skip
     database_url: str | None = Field(
         None,
         description="SQLAlchemy URL (sqlite:///... or postgresql+psycopg://...); "
@@ -75,8 +80,17 @@ class Settings(BaseSettings):
     serving_max_tokens: int = Field(
         512, ge=1, le=32_768, description="cap of max_tokens on the generation endpoints"
     )
+    serving_preload: bool = Field(
+        False, description="load the model when the API starts, not on the first generation"
+    )
     serving_poll_s: float = Field(
         1.0, gt=0, le=3600, description="how often the engine re-reads the live versions"
+    )
+    corpus_max_bytes: int = Field(
+        50 * 1024 * 1024,
+        ge=1024,
+        le=512 * 1024**2,  # stored whole in one row: well inside PostgreSQL's 1 GB per value
+        description="largest corpus upload (bytes of the request body); larger is refused (413)",
     )
     url: str = Field(
         "http://127.0.0.1:8000", description="the API's address, for the CLI clients (DETOX_URL)"

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CASES = ROOT / "tests" / "data" / "safeedit_cases.json"
+CASES = ROOT / "app" / "ml" / "data" / "safeedit_cases.json"
 
 
 def _load(shapes: str | None):
@@ -96,7 +96,7 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", choices=["mistral-7b"], default=None)
-    parser.add_argument("--case", default="c01", help="case id in tests/data/safeedit_cases.json")
+    parser.add_argument("--case", default="c01", help="case id in app/ml/data/safeedit_cases.json")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--preset", default="paper", help="DINM preset (default: paper)")
     parser.add_argument("--path", choices=["fast", "plain"], help=argparse.SUPPRESS)

@@ -37,7 +37,7 @@ COLUMNS = (*SAFEEDIT, "over_refusal", "facts_kept", "edit_s")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--file", default=str(DATA / "safeedit_cases.json"))
+    parser.add_argument("--file", default=str(ROOT / "app" / "ml" / "data" / "safeedit_cases.json"))
     parser.add_argument("--preset", action="append", help="a preset to measure; repeatable")
     parser.add_argument("--params", default="{}", help="DINM params (JSON) over every preset")
     parser.add_argument("--limit", type=int, default=None, help="the first N cases only")

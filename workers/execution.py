@@ -1,8 +1,10 @@
 """One job, start to finish, as a plain function: no Celery, no broker (the task only calls this).
 
-claim -> parse the spec -> materialise the parent (base + its chain's deltas) -> DINM with the
-before/after report -> revert the parent exactly -> write the version and its delta rows together
-with the job's success (one transaction).
+claim -> parse the spec -> materialise the parent (base + its chain's deltas) -> the edit (DINM
+or corpus unlearning) with its before/after report -> revert the parent exactly -> write the
+version and its delta rows together with the job's success (one transaction). An `eval` job runs
+its suites on the materialised version instead and attaches the results to that version, again
+in the transaction that ends the job.
 
 Outcomes (the return value, also logged): "succeeded", "failed", "cancelled", "skipped" (not
 claimable: finished, cancelled, or running elsewhere), "superseded" (a newer claim took over while
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -25,9 +29,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
+from app.ml.bias import filter_pairs, load_pairs
+from app.ml.corpus import Document
 from app.ml.deltas import Delta, apply_deltas, fingerprint
 from app.ml.errors import DeltaError, EditCancelled, InputError
-from app.ml.pipeline import dinm_with_report
+from app.ml.pipeline import dinm_with_report, unlearn_with_report
+from app.ml.suites import run_suites
 from app.notify import publish_versions_changed
 from app.settings import Settings
 from app.store import crud
@@ -42,7 +49,7 @@ from workers import errors
 from workers.errors import TRANSIENT_ERRORS, JobInputError
 from workers.monitor import JobMonitor
 from workers.runtime import Runtime
-from workers.spec import DinmSpec, parse_spec
+from workers.spec import DinmSpec, EvalSpec, UnlearnSpec, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +111,14 @@ def _run(
 
     try:
         spec = parse_spec(job.kind, job.spec)
+        if isinstance(spec, EvalSpec):
+            metrics = _evaluate(job, spec, monitor, session_factory, runtime, settings)
+            with session_factory() as session:
+                ours = crud.finish_job_evaluated(
+                    session=session, job_id=job.id, metrics=metrics, attach=metrics["suites"],
+                    attempt=job.attempts,
+                )  # fmt: skip
+            return "succeeded" if ours else "superseded"
         deltas, report = _edit(job, spec, monitor, session_factory, runtime, settings)
         if monitor.cancel_requested_now():
             raise EditCancelled(f"stopped before saving: {monitor.stop_reason}")
@@ -153,13 +168,60 @@ def _run(
 
 def _edit(
     job: Job,
-    spec: DinmSpec,
+    spec: DinmSpec | UnlearnSpec,
     monitor: JobMonitor,
     session_factory: sessionmaker[Session],
     runtime: Runtime,
     settings: Settings,
 ) -> tuple[list[crud.DeltaIn], dict[str, Any]]:
-    """The DINM edit on the materialised parent; returns the delta rows and the report."""
+    """The edit on the materialised parent; returns the delta rows and the report."""
+    lm = runtime.lm
+    if isinstance(spec, UnlearnSpec):  # read before the parent is applied: may fail cheaply
+        forget, retain = _corpora(spec, session_factory)
+    with _materialised(job, monitor, session_factory, runtime):
+        if isinstance(spec, DinmSpec):
+            result, report = dinm_with_report(
+                lm, spec.instance, spec.params, judge=runtime.judge,
+                max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size,
+                progress=monitor.progress, should_cancel=monitor.should_cancel,
+            )  # fmt: skip
+        else:
+            pairs = filter_pairs(load_pairs(None), limit=settings.unlearn_bias_pairs_per_type)
+            result, report = unlearn_with_report(
+                lm, forget, retain, spec.method, spec.params, bias_pairs=pairs,
+                batch_size=settings.eval_batch_size, progress=monitor.progress,
+                should_cancel=monitor.should_cancel,
+            )  # fmt: skip
+    report["parent"] = job.spec.get("parent") if isinstance(job.spec, dict) else None
+    return delta_rows(result.delta, lm.model), report
+
+
+def _evaluate(
+    job: Job,
+    spec: EvalSpec,
+    monitor: JobMonitor,
+    session_factory: sessionmaker[Session],
+    runtime: Runtime,
+    settings: Settings,
+) -> dict[str, Any]:
+    """The asked suites on the evaluated version (the job's parent; none: the base)."""
+    lm = runtime.lm
+    with _materialised(job, monitor, session_factory, runtime):
+        results = run_suites(
+            lm, spec.suites, judge=runtime.judge, instances=spec.instances, texts=spec.texts,
+            bias_types=spec.bias_types, limit=spec.limit,
+            max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size,
+            progress=monitor.progress,
+        )  # fmt: skip
+    model = job.spec.get("model") if isinstance(job.spec, dict) else None
+    return {"kind": "eval", "model": model, "suites": results}
+
+
+@contextmanager
+def _materialised(
+    job: Job, monitor: JobMonitor, session_factory: sessionmaker[Session], runtime: Runtime
+) -> Iterator[None]:
+    """The base model with the job's parent chain applied; exactly the base again on exit."""
     lm = runtime.lm
     base_fingerprint = runtime.base_fingerprint  # before any delta is applied
     monitor.set_stage("materialise")
@@ -169,20 +231,28 @@ def _edit(
     except DeltaError as exc:
         raise JobInputError("invalid_parent", f"parent version: {exc}", "parent") from exc
     try:
-        result, report = dinm_with_report(
-            lm,
-            spec.instance,
-            spec.params,
-            judge=runtime.judge,
-            max_new_tokens=settings.max_new_tokens,
-            batch_size=settings.eval_batch_size,
-            progress=monitor.progress,
-            should_cancel=monitor.should_cancel,
-        )
+        yield
     finally:
         handle.revert()  # back to the exact base weights, whatever happened
-    report["parent"] = job.spec.get("parent") if isinstance(job.spec, dict) else None
-    return delta_rows(result.delta, lm.model), report
+
+
+def _corpora(
+    spec: UnlearnSpec, session_factory: sessionmaker[Session]
+) -> tuple[list[Document], list[Document] | None]:
+    """The forget and retain documents: inline, or read from the stored corpora."""
+
+    def stored(corpus_id: str, field: str) -> list[Document]:
+        try:
+            with session_factory() as session:
+                return crud.corpus_documents(session=session, corpus_id=corpus_id)
+        except NotFound as exc:
+            raise JobInputError("invalid_corpus", f"{field}: {exc}", field) from exc
+
+    forget = spec.forget if spec.forget is not None else stored(spec.corpus_id, "corpus_id")
+    retain = spec.retain
+    if retain is None and spec.retain_corpus_id is not None:
+        retain = stored(spec.retain_corpus_id, "retain_corpus_id")
+    return forget, retain
 
 
 def _parent_deltas(

@@ -69,11 +69,18 @@ class ApiError(Exception):
 
 
 def param_name(loc: Sequence[str | int]) -> str | None:
-    """("body", "params", "lr") -> "params.lr"; the request part ("body", "query") is dropped."""
+    """("body", "params", "lr") -> "params.lr", ("body", "forget", 3, "text") -> "forget[3].text";
+    the request part ("body", "query") is dropped."""
     parts = list(loc)
     if parts and parts[0] in _LOCATIONS:
         parts = parts[1:]
-    return ".".join(str(p) for p in parts) or None
+    name = ""
+    for part in parts:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name += f".{part}" if name else str(part)
+    return name or None
 
 
 def _validation_message(error: dict[str, Any], param: str | None) -> str:
@@ -115,11 +122,16 @@ _STORE_ERRORS: dict[type[Exception], tuple[int, str, str]] = {
     store_errors.VersionHasChildren: (409, CONFLICT, "version_has_children"),
     store_errors.InvalidCursor: (400, INVALID_REQUEST, "invalid_cursor"),
     store_errors.InvalidVersionName: (422, INVALID_REQUEST, "invalid_version_name"),
+    store_errors.InvalidCorpusName: (422, INVALID_REQUEST, "invalid_corpus_name"),
+    store_errors.DuplicateCorpusName: (409, CONFLICT, "duplicate_corpus_name"),
+    store_errors.CorpusInUse: (409, CONFLICT, "corpus_in_use"),
 }
 _STORE_PARAMS: dict[type[Exception], str] = {
     store_errors.InvalidCursor: "cursor",
     store_errors.DuplicateVersionName: "name",
     store_errors.InvalidVersionName: "name",
+    store_errors.InvalidCorpusName: "name",
+    store_errors.DuplicateCorpusName: "name",
 }
 
 

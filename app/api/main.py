@@ -6,6 +6,7 @@ Run with `uvicorn --factory app.api.main:create_app`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ from fastapi import FastAPI
 
 from app.api.broker import Broker, CeleryBroker, broker_error
 from app.api.errors import install_error_handlers
-from app.api.routes import generation, health, jobs, versions
+from app.api.routes import corpora, generation, health, jobs, versions
 from app.serving.provider import ServingProvider
 from app.settings import Settings, get_settings
 from app.store.db import make_engine, make_sessionmaker
@@ -48,6 +49,8 @@ def create_app(
         sessions = make_sessionmaker(engine)
         app.state.sessionmaker = sessions
         app.state.serving = ServingProvider(lambda: (engine_factory or default_engine)(sessions))
+        if settings.serving_preload:  # the first request then finds the model loaded
+            await asyncio.to_thread(app.state.serving.get_sync)
         try:
             yield
         finally:
@@ -63,6 +66,6 @@ def create_app(
     app.state.settings = settings
     app.state.broker = broker or CeleryBroker(settings)
     install_error_handlers(app, broker_error=broker_error())
-    for router in (health.router, jobs.router, versions.router, generation.router):
+    for router in (health.router, jobs.router, versions.router, corpora.router, generation.router):
         app.include_router(router)
     return app

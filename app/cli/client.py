@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -16,6 +18,8 @@ from app.settings import Settings
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 STREAM_TIMEOUT = httpx.Timeout(60.0, connect=5.0)  # the server sends a keepalive every 15 s
+UPLOAD_TIMEOUT = httpx.Timeout(300.0, connect=5.0)  # a corpus is validated as it is sent
+UPLOAD_CHUNK = 256 * 1024
 
 
 class ClientError(Exception):
@@ -114,6 +118,35 @@ class DetoxClient:
         params = {"cascade": "true"} if cascade else {}
         return self._request("DELETE", f"/v1/versions/{name}", params=params)
 
+    # corpora
+    def upload_corpus(self, path: Path, *, name: str | None = None) -> Any:
+        """Stream a JSON Lines file to the server (never read whole into memory)."""
+
+        def chunks() -> Iterator[bytes]:
+            with path.open("rb") as handle:
+                while chunk := handle.read(UPLOAD_CHUNK):
+                    yield chunk
+
+        headers = {
+            "Content-Type": "application/x-ndjson",
+            "Content-Length": str(path.stat().st_size),  # lets the server refuse a large file early
+        }
+        params = {"name": name} if name is not None else {}
+        return self._request(
+            "POST", "/v1/corpora", params=params, content=chunks(), headers=headers,
+            timeout=UPLOAD_TIMEOUT,
+        )  # fmt: skip
+
+    def list_corpora(self, *, limit: int | None = None) -> Any:
+        params = {"limit": limit} if limit is not None else {}
+        return self._request("GET", "/v1/corpora", params=params)
+
+    def get_corpus(self, id_or_name: str) -> Any:
+        return self._request("GET", f"/v1/corpora/{quote(id_or_name, safe='')}")
+
+    def delete_corpus(self, id_or_name: str) -> None:
+        self._request("DELETE", f"/v1/corpora/{quote(id_or_name, safe='')}")
+
     # generation
     def list_models(self) -> Any:
         return self._request("GET", "/v1/models")
@@ -154,7 +187,7 @@ class DetoxClient:
             raise Unreachable(f"{self.base_url}: {exc or type(exc).__name__}") from exc
         if response.is_error:
             raise _api_error(response)
-        return response.json()
+        return response.json() if response.content else None  # 204: no body
 
 
 def _api_error(response: httpx.Response) -> ApiError:

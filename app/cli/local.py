@@ -1,4 +1,4 @@
-"""`detox dinm` and `detox eval`: the library run in this process, no server involved."""
+"""`detox dinm`, `detox eval` and `detox unlearn`: the library run in this process, no server."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ from pathlib import Path
 from rich.table import Table
 
 from app.cli.output import console, stage_progress, stdout
+from app.ml.bias import filter_pairs, load_pairs
+from app.ml.corpus import read_corpus
 from app.ml.deltas import Delta, applied, checksum
 from app.ml.dinm import DinmParams
 from app.ml.errors import InputError
 from app.ml.evaluation import evaluate
 from app.ml.judges import load_judge
 from app.ml.models import LoadedModel, load_model
-from app.ml.pipeline import dinm_with_report
+from app.ml.pipeline import dinm_with_report, unlearn_with_report
 from app.ml.safeedit import find_case, load_instances
+from app.ml.unlearn_params import METHODS, UnlearnParams
 from app.settings import Settings
 
 METRICS = ("DS", "DG_onlyQ", "DG_otherA", "DG_otherQ", "DG_otherAQ", "fluency", "over_refusal")
@@ -59,13 +62,47 @@ def run_dinm(
             batch_size=settings.eval_batch_size,
             progress=progress,
         )
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        blob = result.delta.to_bytes()
-        (out / "delta.safetensors").write_bytes(blob)
-        report["delta"] = {"path": str(out / "delta.safetensors"), "sha256": checksum(blob)}
-        (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    _write_out(out, result.delta, report)
     return report
+
+
+def run_unlearn(
+    settings: Settings,
+    *,
+    file: Path,
+    retain: Path | None,
+    method: str,
+    out: Path | None,
+    model: str,
+    params: dict,
+    bias_pairs: int,
+    quiet: bool,
+) -> dict:
+    if method not in METHODS:
+        raise InputError(f"--method: must be one of {', '.join(METHODS)}, not {method!r}")
+    forget = read_corpus(file)
+    retained = read_corpus(retain) if retain else None
+    unlearn_params = UnlearnParams.parse(params)
+    pairs = filter_pairs(load_pairs(None), limit=bias_pairs) if bias_pairs else []
+    lm = _load(settings, model, quiet=quiet)
+    with stage_progress(quiet=quiet) as progress:
+        result, report = unlearn_with_report(
+            lm, forget, retained, method, unlearn_params, bias_pairs=pairs,
+            batch_size=settings.eval_batch_size, progress=progress,
+        )  # fmt: skip
+    report["file"] = str(file)
+    _write_out(out, result.delta, report)
+    return report
+
+
+def _write_out(out: Path | None, delta: Delta, report: dict) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    blob = delta.to_bytes()
+    (out / "delta.safetensors").write_bytes(blob)
+    report["delta"] = {"path": str(out / "delta.safetensors"), "sha256": checksum(blob)}
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
 
 
 def run_eval(
@@ -154,3 +191,33 @@ def print_eval_report(report: dict) -> None:
     for name, value in report["metrics"].items():
         table.add_row(name, _fmt(value))
     stdout.print(table)
+
+
+def print_unlearn_report(report: dict, out: Path | None) -> None:
+    console.print(
+        f"[bold]{report['method']}[/bold] ({report['scope']}) on {report['model']}: "
+        f"{report['steps']} steps kept, stopped by {report['stopped']}, "
+        f"{report['edit_seconds']:.1f} s, {report['forget_tokens']} forget tokens",
+        highlight=False,
+    )
+    table = Table("metric", "before", "after")
+    for name in ("forget_nll", "retain_perplexity"):
+        table.add_row(name, _fmt(report[name]["before"]), _fmt(report[name]["after"]))
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    table.add_row(
+        "reference perplexity",
+        _fmt(before["perplexity"]["perplexity"]),
+        _fmt(after["perplexity"]["perplexity"]),
+    )
+    if "bias" in before:
+        table.add_row("bias (all types)", _fmt(before["bias"]["overall"]),
+                      _fmt(after["bias"]["overall"]))  # fmt: skip
+        for kind, scores in before["bias"]["by_type"].items():
+            later = after["bias"]["by_type"][kind]
+            table.add_row(f"  bias {kind} (n={scores['n']})", _fmt(scores["score"]),
+                          _fmt(later["score"]))  # fmt: skip
+    stdout.print(table)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    if out is not None:
+        console.print(f"delta and report written to {out}", highlight=False)

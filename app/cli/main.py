@@ -1,5 +1,5 @@
 """`detox`: local edits and evaluation (no server), the service processes (`api`, `worker`, `up`)
-and the API's clients (`jobs`, `versions`, `chat`, `ab`).
+and the API's clients (`jobs`, `versions`, `corpora`, `chat`, `ab`).
 
 `app.cli.local` (torch) is imported only by the commands that need it, so clients start fast.
 """
@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli import generation, jobs, service, versions
+from app.cli import analysis, corpora, generation, jobs, service, versions
 from app.cli.output import fail_on_bad_input, parse_params_json, print_json
 from app.settings import get_settings
 
@@ -107,10 +107,53 @@ def evaluate(
         local.print_eval_report(report)
 
 
+@app.command()
+def unlearn(
+    file: Annotated[
+        Path, typer.Argument(help="forget corpus: JSON Lines of {text, harmful_spans}")
+    ],
+    retain: Annotated[
+        Path | None, typer.Option(help="retain corpus (default: the packaged benign set)")
+    ] = None,
+    method: Annotated[str, typer.Option(help="masked_ga | ga | graddiff | npo")] = "masked_ga",
+    out: Annotated[
+        Path | None, typer.Option(help="folder for delta.safetensors + report.json")
+    ] = None,
+    model: ModelOpt = None,
+    scope: Annotated[str | None, typer.Option(help='"lora" (default) or "dense"')] = None,
+    steps: Annotated[int | None, typer.Option(help="optimiser steps")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
+    params: Annotated[str | None, typer.Option(help="more unlearning params as JSON")] = None,
+    bias_pairs: Annotated[
+        int, typer.Option(min=0, help="CrowS-Pairs pairs per bias type before/after (0: none)")
+    ] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """Unlearn the harmful spans of a corpus locally, with perplexity and bias before/after."""
+    from app.cli import local
+
+    settings = get_settings()
+    with fail_on_bad_input():
+        overrides = parse_params_json(params)
+        flags = {"scope": scope, "steps": steps, "lr": lr}
+        overrides |= {k: v for k, v in flags.items() if v is not None}
+        report = local.run_unlearn(
+            settings, file=file, retain=retain, method=method, out=out,
+            model=model or settings.model, params=overrides, bias_pairs=bias_pairs,
+            quiet=as_json,
+        )  # fmt: skip
+    if as_json:
+        print_json(report)
+    else:
+        local.print_unlearn_report(report, out)
+
+
 service.register(app)
 generation.register(app)
+analysis.register(app)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(versions.app, name="versions")
+app.add_typer(corpora.app, name="corpora")
 
 
 def main() -> None:

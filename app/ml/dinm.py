@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from app.ml.deltas import Delta, DenseUpdate, fingerprint
 from app.ml.dinm_objective import DinmObjective, benign_groups, benign_retain_set
@@ -36,6 +35,7 @@ from app.ml.params import DinmParams
 from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner, PlainRunner, Runner, run_layers, weights_key
 from app.ml.safeedit import SafeEditInstance
+from app.ml.weight_shift import WeightShift, weight_shifts
 
 Progress = Callable[[str, float], None]
 CancelCheck = Callable[[], bool]
@@ -93,17 +93,6 @@ def _layer_outputs(lm: LoadedModel, text: str) -> list[torch.Tensor]:
         for hook in hooks:
             hook.remove()
     return outputs
-
-
-class _AddDelta(nn.Module):
-    """Parametrisation weight -> weight + delta, with the delta kept in float32."""
-
-    def __init__(self, like: torch.Tensor):
-        super().__init__()
-        self.delta = nn.Parameter(torch.zeros(like.shape, dtype=torch.float32, device=like.device))
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta.to(weight.dtype)
 
 
 def dinm_edit(
@@ -164,16 +153,8 @@ def dinm_edit(
     names = [lm.adapter.mlp_out_param_name(layer) for layer in layers]
     base_fingerprint = fingerprint(lm.model, names)
     modules = [lm.adapter.mlp_out(layer) for layer in layers]
-    shifts = [_AddDelta(module.weight) for module in modules]
-    for module, shift in zip(modules, shifts, strict=True):
-        parametrize.register_parametrization(module, "weight", shift, unsafe=True)
-    try:
+    with weight_shifts(modules) as shifts:
         losses = _tune(lm, min(layers), params, objective_args, shifts, report, should_cancel)
-    finally:
-        # Drops the parametrisation and puts the untouched original tensor back in place.
-        for module in modules:
-            if parametrize.is_parametrized(module, "weight"):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
     updates = {
         name: DenseUpdate(shift.delta.detach().to(lm.dtype))
         for name, shift in zip(names, shifts, strict=True)
@@ -188,7 +169,7 @@ def _tune(
     lowest: int,
     params: DinmParams,
     objective_args: tuple,
-    shifts: list[_AddDelta],
+    shifts: list[WeightShift],
     report: Progress,
     should_cancel: CancelCheck | None,
 ) -> list[float]:

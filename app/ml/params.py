@@ -1,4 +1,5 @@
-"""Validated edit parameters. Free of torch, so the API can validate a job before queueing it.
+"""Validated edit parameters (DINM here; unlearning in `unlearn_params`). Free of torch, so the
+API can validate a job before queueing it.
 
 A `preset` fills in a whole configuration first; any field given explicitly overrides it:
 
@@ -13,7 +14,7 @@ A `preset` fills in a whole configuration first; any field given explicitly over
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -39,10 +40,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class DinmParams(BaseModel):
-    """Hyper-parameters; a `preset` is applied first, explicit fields override it."""
+class Params(BaseModel):
+    """Parameters given as a JSON object; `parse` turns the first problem into an InputError."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def parse(cls, data: dict | None) -> Self:
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(["params", *(str(p) for p in first["loc"])])
+            message = first["msg"].removeprefix("Value error, ")
+            raise InputError(f"{where}: {message[:1].lower()}{message[1:]}") from None
+
+
+class DinmParams(Params):
+    """Hyper-parameters; a `preset` is applied first, explicit fields override it."""
 
     preset: Preset = Field(
         DEFAULT_PRESET,
@@ -108,15 +123,6 @@ class DinmParams(BaseModel):
         if not isinstance(preset, str) or preset not in PRESETS:
             return data  # the field's own validation names the error
         return {**PRESETS[preset], **data}
-
-    @classmethod
-    def parse(cls, data: dict | None) -> DinmParams:
-        try:
-            return cls.model_validate(data or {})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            name = ".".join(str(p) for p in first["loc"]) or "params"
-            raise InputError(f"params.{name}: {first['msg'].lower()}") from None
 
     def suffix(self) -> str | None:
         return PAPER_SUFFIX if self.suffix_system_prompt == "paper" else self.suffix_system_prompt

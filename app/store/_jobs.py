@@ -296,23 +296,6 @@ def finish_job_cancelled(*, session: Session, job_id: str, attempt: int | None =
     return _finish(session, job_id, attempt, status="cancelled", cancel_requested=True)
 
 
-def finish_job_evaluated(
-    *, session: Session, job_id: str, metrics: dict[str, Any], attempt: int | None = None
-) -> bool:
-    """running -> `succeeded` with `metrics` and no version (`eval` jobs)."""
-    now = utcnow()
-    return _conditional_update(
-        session,
-        _running(job_id, attempt),
-        status="succeeded",
-        stage="done",
-        progress=1.0,
-        metrics=metrics,
-        finished_at=now,
-        heartbeat_at=now,
-    )
-
-
 def requeue_stale_jobs(*, session: Session, older_than: timedelta, max_attempts: int) -> list[str]:
     """Running jobs whose heartbeat is older than `older_than` go back to `queued` (their ids are
     returned, for the caller to enqueue again); those that used `max_attempts` claims end

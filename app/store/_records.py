@@ -1,44 +1,13 @@
-"""Uploaded corpora and API keys (stored as hashes only; hashing is the API's business)."""
+"""API keys (stored as hashes only; hashing is the API's business). Corpora: `_corpora`."""
 
 from __future__ import annotations
-
-import hashlib
-import uuid
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.store._types import utcnow
 from app.store.errors import NotFound
-from app.store.models import ROLES, ApiKey, Corpus
-
-
-def create_corpus(*, session: Session, name: str, text: str) -> Corpus:
-    """Store an unlearning corpus (one example a line); counts lines and bytes, hashes the text."""
-    data = text.encode("utf-8")
-    corpus = Corpus(
-        id=str(uuid.uuid4()),
-        name=name,
-        lines=sum(1 for line in text.splitlines() if line.strip()),
-        nbytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        text=text,
-    )
-    session.add(corpus)
-    session.commit()
-    return corpus
-
-
-def get_corpus(*, session: Session, corpus_id: str) -> Corpus:
-    corpus = session.get(Corpus, corpus_id)
-    if corpus is None:
-        raise NotFound(f"no corpus {corpus_id!r}")
-    return corpus
-
-
-def list_corpora(*, session: Session) -> list[Corpus]:
-    """Oldest first."""
-    return list(session.scalars(select(Corpus).order_by(Corpus.created_at, Corpus.id)))
+from app.store.models import ROLES, ApiKey
 
 
 def create_api_key(*, session: Session, name: str, key_hash: str, role: str) -> ApiKey:

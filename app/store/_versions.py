@@ -7,13 +7,15 @@ keeps its name and its rows (its children still need its delta).
 from __future__ import annotations
 
 import hashlib
+import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import flag_modified
 
 from app.store._types import utcnow
 from app.store.errors import (
@@ -105,6 +107,87 @@ def list_versions(*, session: Session, include_retired: bool = False) -> list[Ve
     if not include_retired:
         query = query.where(Version.retired.is_(False))
     return list(session.scalars(query).unique())
+
+
+def merge_version_metrics(*, session: Session, version_id: int, key: str, value: Any) -> Version:
+    """Set `metrics[key] = value` on a version, keeping the other keys; concurrent merges of
+    different keys do not lose each other's writes. `value` must be JSON without NaN or
+    infinities (ValueError). Retired versions can be updated too."""
+    try:
+        version = _merge_metrics(session, version_id, key, lambda _old: value)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return version
+
+
+def _merge_metrics(
+    session: Session, version_id: int, key: str, merge: Callable[[Any], Any]
+) -> Version:
+    """`metrics[key] = merge(metrics.get(key))` inside the caller's transaction (not committed)."""
+    if not isinstance(key, str) or not key:
+        raise ValueError("the metrics key must be a non-empty string")
+    # Lock first (a row lock on PostgreSQL, the write lock on SQLite), then read the metrics as
+    # they are now: a merge that ran meanwhile is seen, not overwritten.
+    locked = session.execute(
+        update(Version)
+        .where(Version.id == version_id)
+        .values(retired=Version.retired)
+        .execution_options(synchronize_session=False)
+    )
+    if locked.rowcount != 1:
+        raise NotFound(f"no version with id {version_id}")
+    version = session.get(Version, version_id, populate_existing=True)
+    assert version is not None
+    metrics = dict(version.metrics or {})
+    value = merge(metrics.get(key))
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"metrics[{key!r}] is not JSON (without NaN/Infinity): {exc}") from None
+    metrics[key] = value
+    version.metrics = metrics  # a new dict: the JSON column is seen as changed
+    flag_modified(version, "metrics")
+    return version
+
+
+def finish_job_evaluated(
+    *,
+    session: Session,
+    job_id: str,
+    metrics: dict[str, Any],
+    attach: dict[str, Any] | None = None,
+    attempt: int | None = None,
+) -> bool:
+    """In ONE transaction: the running `eval` job (in `attempt` when given) becomes `succeeded`
+    with `metrics` and no version, and `attach` (suite -> results) is merged into the evaluated
+    version's `metrics["eval"]`, with `job_id` naming this job: suites evaluated earlier stay, a
+    suite evaluated again is replaced. An evaluation of the base (no parent) attaches nothing.
+    False, and nothing written, when the job was no longer running in that attempt."""
+    fence = [Job.attempts == attempt] if attempt is not None else []
+    now = utcnow()
+    try:
+        done = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "running", *fence)
+            .values(status="succeeded", stage="done", progress=1.0, metrics=metrics)
+            .values(finished_at=now, heartbeat_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if done.rowcount != 1:
+            session.rollback()
+            return False
+        parent = session.scalar(select(Job.parent_version_id).where(Job.id == job_id))
+        if attach and parent is not None:
+            _merge_metrics(
+                session, parent, "eval", lambda old: {**(old or {}), **attach, "job_id": job_id}
+            )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return True
 
 
 def version_chain(*, session: Session, version_id: int) -> list[Version]:

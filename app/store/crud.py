@@ -6,6 +6,17 @@ afterwards (sessions come from `make_sessionmaker`, which does not expire on com
 
 from __future__ import annotations
 
+from app.store._corpora import (
+    check_corpus_name,
+    corpus_documents,
+    corpus_line,
+    corpus_name_exists,
+    create_corpus,
+    delete_corpus,
+    document_json,
+    get_corpus,
+    list_corpora,
+)
 from app.store._jobs import (
     JobPage,
     attempts_exhausted,
@@ -16,7 +27,6 @@ from app.store._jobs import (
     encode_cursor,
     find_job_by_idempotency_key,
     finish_job_cancelled,
-    finish_job_evaluated,
     finish_job_failed,
     get_job,
     heartbeat,
@@ -29,11 +39,8 @@ from app.store._jobs import (
 )
 from app.store._records import (
     create_api_key,
-    create_corpus,
     get_api_key,
-    get_corpus,
     list_api_keys,
-    list_corpora,
     revoke_api_key,
 )
 from app.store._versions import (
@@ -43,12 +50,14 @@ from app.store._versions import (
     check_version_name,
     delta_summaries,
     delta_summary,
+    finish_job_evaluated,
     finish_job_succeeded,
     get_version,
     get_version_by_id,
     list_versions,
     live_children,
     load_delta_blobs,
+    merge_version_metrics,
     retire_version,
     version_chain,
     version_name_exists,
@@ -60,15 +69,21 @@ __all__ = [
     "DeltaSummary",
     "JobPage",
     "attempts_exhausted",
+    "check_corpus_name",
     "check_version_name",
     "claim_job",
+    "corpus_documents",
+    "corpus_line",
+    "corpus_name_exists",
     "count_jobs",
     "create_api_key",
     "create_corpus",
     "create_job",
     "decode_cursor",
+    "delete_corpus",
     "delta_summaries",
     "delta_summary",
+    "document_json",
     "encode_cursor",
     "find_job_by_idempotency_key",
     "finish_job_cancelled",
@@ -88,6 +103,7 @@ __all__ = [
     "list_versions",
     "live_children",
     "load_delta_blobs",
+    "merge_version_metrics",
     "release_job",
     "request_cancel",
     "requeue_stale_jobs",

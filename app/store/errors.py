@@ -70,3 +70,32 @@ class BaseFingerprintMismatch(StoreError):
             f"the loaded base is {expected[:16]}..."
         )
         self.version = version
+
+
+class InvalidCorpusName(StoreError, ValueError):
+    """A corpus name that is reserved, of the wrong form, or shaped like a corpus id."""
+
+
+class DuplicateCorpusName(StoreError):
+    """A corpus of that name exists already."""
+
+    def __init__(self, name: str):
+        super().__init__(f"a corpus named {name!r} already exists")
+        self.name = name
+
+
+class CorpusInUse(StoreError):
+    """Deleting a corpus that a queued or running job still needs."""
+
+    def __init__(self, corpus: str, jobs: list[str]):
+        shown = ", ".join(jobs[:3]) + (f" and {len(jobs) - 3} more" if len(jobs) > 3 else "")
+        super().__init__(
+            f"corpus {corpus!r} is used by queued or running job(s) {shown}; "
+            "cancel them or wait for them to finish"
+        )
+        self.corpus = corpus
+        self.jobs = jobs
+
+
+class CorruptCorpus(StoreError):
+    """A stored corpus whose content does not match its checksum, or no longer parses."""

@@ -22,7 +22,6 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
-    Text,
     UniqueConstraint,
     false,
 )
@@ -148,17 +147,28 @@ class DeltaRow(Base):
 
 
 class Corpus(Base):
-    """An uploaded unlearning corpus (UTF-8 text, one example a line)."""
+    """An uploaded unlearning corpus: validated JSON Lines, one normalised document a line.
+
+    `content` is deferred (never loaded by listings); `sha256` and `nbytes` are of `content` and
+    are checked when the documents are read back (`crud.corpus_documents`).
+    """
 
     __tablename__ = "corpora"
+    __table_args__ = (
+        CheckConstraint(
+            "documents >= 1 AND annotated >= 0 AND annotated <= documents", name="counts"
+        ),
+        Index(None, "created_at"),
+    )
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
-    lines: Mapped[int] = mapped_column(Integer)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid4, canonical text form
+    name: Mapped[str | None] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    documents: Mapped[int] = mapped_column(Integer)
+    annotated: Mapped[int] = mapped_column(Integer)  # documents with explicit harmful_spans
     nbytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
-    text: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
 
 
 class ApiKey(Base):

@@ -57,8 +57,11 @@ def test_every_request_body_has_an_example(api):
     ]
     assert bodies, "no request bodies at all?"
     for path, method, body in bodies:
-        content = body["content"]["application/json"]
-        assert content.get("examples") or content.get("example"), f"{method} {path}"
+        assert body["content"], f"{method} {path}"
+        for media_type, content in body["content"].items():
+            assert content.get("examples") or content.get("example"), (
+                f"{method} {path} {media_type}"
+            )
     assert api.get("/docs").status_code == 200
 
 

@@ -69,3 +69,12 @@ def test_a_client_that_disconnects_frees_its_slot(tmp_path):
                 time.sleep(0.02)
             done = client.post("/v1/completions", json=body | {"stream": False, "max_tokens": 3})
             assert done.status_code == 200
+
+
+def test_preload_loads_the_model_before_the_first_request(tmp_path):
+    with live_server(tmp_path, serving_preload=True) as (url, app):
+        assert app.state.serving.loaded
+        response = httpx.get(f"{url}/v1/models", timeout=30)
+        assert [m["id"] for m in response.json()["data"]] == ["base", "safe1"]
+    with live_server(tmp_path / "lazy") as (url, app):
+        assert not app.state.serving.loaded

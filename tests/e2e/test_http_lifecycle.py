@@ -164,3 +164,37 @@ def test_a_dinm_job_on_the_demo_model_detoxifies_its_instance(tmp_path: Path):
         assert metrics["judge"] == "offline" and len(metrics["losses"]) == 10
     finally:
         svc.stop()
+
+
+def test_corpus_unlearning_then_an_eval_job_attach_to_the_version(service: Service, tmp_path: Path):
+    client = service.client
+    corpus = tmp_path / "forget.jsonl"
+    corpus.write_text(
+        '{"text": "the cat is nasty and mean", "harmful_spans": [[11, 17]]}\n'
+        '{"text": "dogs are stupid animals", "harmful_spans": [[9, 15]]}\n'
+    )
+    uploaded = client.upload_corpus(corpus, name=f"forget-{service.port}")
+    assert uploaded["documents"] == 2
+    name = f"u-{service.port}"
+    job = _wait(client, client.submit_job({
+        "kind": "unlearn", "parent": "base", "method": "masked_ga", "name": name,
+        "corpus_id": uploaded["id"], "retain": ["the sun rises in the east"],
+        "params": {"steps": 2, "lr": 1e-2, "max_ppl_increase": None, "seed": 1},
+    })["id"])  # fmt: skip
+    assert job["status"] == "succeeded", (job["error"], service.logs())
+    version = client.get_version(name)
+    assert version["delta"]["encoding"] == "lowrank" and version["metrics"]["method"] == "masked_ga"
+
+    evaluated = _wait(client, client.submit_job({
+        "kind": "eval", "model": name, "suites": ["perplexity", "bias"],
+        "params": {"limit": 2, "bias_types": ["gender"]},
+    })["id"])  # fmt: skip
+    assert evaluated["status"] == "succeeded", evaluated["error"]
+    attached = client.get_version(name)["metrics"]["eval"]
+    assert attached["job_id"] == evaluated["id"]
+    assert attached["perplexity"] == evaluated["metrics"]["suites"]["perplexity"]
+    assert attached["bias"]["by_type"]["gender"]["n"] == 2
+
+    served = client.chat({"model": name, "messages": [{"role": "user", "content": "hi"}],
+                          "max_tokens": 2})  # fmt: skip
+    assert served["model"] == name

@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from app.ml.dinm import DinmObjective, DinmParams, _AddDelta, dinm_edit, locate_toxic_layer
+from app.ml.dinm import DinmObjective, DinmParams, dinm_edit, locate_toxic_layer
 from app.ml.errors import EditCancelled, InputError
 from app.ml.prompts import chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner
 from app.ml.safeedit import parse_instance
+from app.ml.weight_shift import WeightShift
 from tests.factories import tiny_model
 
 INSTANCE = parse_instance(
@@ -107,7 +108,7 @@ def test_kl_term_has_a_gradient_on_the_tuned_weight():
     kc = INSTANCE.knowledge_constraint
     kl_seq = encode_prompt_answer(tok, chat_text(tok, kc.prompt), kc.answer, max_length=200)
     module = lm.adapter.mlp_out(2)
-    shift = _AddDelta(module.weight)
+    shift = WeightShift(module.weight)
     torch.nn.utils.parametrize.register_parametrization(module, "weight", shift, unsafe=True)
     try:
         objective = DinmObjective(

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 import app.ml.dinm as dinm_module
-from app.ml.dinm import DinmParams, _AddDelta, dinm_edit
+from app.ml.dinm import DinmParams, dinm_edit
 from app.ml.dinm_objective import DinmObjective, benign_groups, benign_retain_set
 from app.ml.errors import InputError
 from app.ml.params import DEFAULT_PRESET, PRESETS
 from app.ml.prompts import chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner, PlainRunner
+from app.ml.weight_shift import WeightShift
 from tests.factories import tiny_model
 from tests.ml.test_dinm import INSTANCE
 
@@ -126,7 +127,7 @@ def test_benign_kl_term_has_a_gradient_on_the_tuned_weight():
     pairs = [_encode(lm, p, a) for p, a in benign_retain_set()]
     groups = benign_groups(pairs, size=4, count=2, pad_id=0)
     module = lm.adapter.mlp_out(2)
-    shift = _AddDelta(module.weight)
+    shift = WeightShift(module.weight)
     torch.nn.utils.parametrize.register_parametrization(module, "weight", shift, unsafe=True)
     try:
         sequences = [nll_seq.input_ids, kl_seq.input_ids, *(g.input_ids for g in groups)]

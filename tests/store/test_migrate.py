@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
-from app.store import migrate
-from app.store.db import make_engine
+from app.ml.corpus import Document
+from app.store import crud, migrate
+from app.store._types import utcnow
+from app.store.db import make_engine, make_sessionmaker
 from app.store.models import Base
 from tests.conftest import BACKENDS
 
@@ -34,7 +36,7 @@ def test_upgrade_downgrade_upgrade(backend: str, new_database: Callable[[str], s
 
     migrate.upgrade(url)
     assert _tables(url) == TABLES
-    assert migrate.current_revision(url) == migrate.head_revision() == "0001"
+    assert migrate.current_revision(url) == migrate.head_revision() == "0002"
 
     migrate.downgrade(url, "base")
     assert _tables(url) == set()
@@ -62,3 +64,51 @@ def test_alembic_command_takes_the_url_from_x(new_database: Callable[[str], str]
     command = [sys.executable, "-m", "alembic", "-x", f"url={url}", "upgrade", "head"]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     assert _tables(url) == TABLES
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_0002_carries_0001_corpora_over_and_back(backend: str, new_database: Callable[[str], str]):
+    url = new_database(backend)
+    migrate.upgrade(url, "0001")
+    rows = [  # (id, name, text): 0001 kept plain text, one example a line
+        ("00000000-0000-0000-0000-000000000001", "gender", "first line\r\n\n  second line\n"),
+        ("00000000-0000-0000-0000-000000000002", "gender", "a taken name\n"),
+        ("00000000-0000-0000-0000-000000000003", "not a valid name!", "x\n"),
+        ("00000000-0000-0000-0000-000000000004", "empty", "\n \n"),
+    ]
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            for corpus_id, name, body in rows:
+                connection.execute(
+                    text(
+                        "INSERT INTO corpora (id, name, lines, nbytes, sha256, text, created_at) "
+                        "VALUES (:id, :name, 1, 1, 'x', :text, :created_at)"
+                    ),
+                    {"id": corpus_id, "name": name, "text": body, "created_at": utcnow()},
+                )
+        migrate.upgrade(url)
+        with make_sessionmaker(engine)() as session:
+            kept = crud.list_corpora(session=session)
+            assert sorted((c.id[-1], c.name, c.documents, c.annotated) for c in kept) == [
+                ("1", "gender", 2, 0),
+                ("2", None, 1, 0),  # the name was taken: dropped, the corpus kept
+                ("3", None, 1, 0),  # an invalid name
+            ]  # the row without a line is gone
+            first = crud.corpus_documents(session=session, corpus_id="gender")
+            assert first == [Document("first line"), Document("  second line")]
+            spanned = [Document("two\nlines \u2028 three", ((0, 3),))]
+            new_id = crud.create_corpus(session=session, documents=spanned, name="new").id
+        migrate.downgrade(url, "0001")
+        with engine.connect() as connection:
+            back = connection.execute(text("SELECT id, name, lines, text FROM corpora")).all()
+        assert sorted((i[-1], n, lines, t) for i, n, lines, t in back) == sorted(
+            [
+                ("1", "gender", 2, "first line\n  second line\n"),
+                ("2", "00000000-0000-0000-0000-000000000002", 1, "a taken name\n"),
+                ("3", "00000000-0000-0000-0000-000000000003", 1, "x\n"),
+                (new_id[-1], "new", 1, "two lines   three\n"),  # one text a line, spans lost
+            ]
+        )
+    finally:
+        engine.dispose()

@@ -1,8 +1,9 @@
-"""/v1/jobs: submit (202), read, list, cancel, and follow a job as server-sent events."""
+"""/v1/jobs: submit (202; kinds dinm, unlearn, eval), read, list, cancel, and follow a job as
+server-sent events."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -12,9 +13,19 @@ from app.api import events
 from app.api.broker import Broker
 from app.api.deps import BrokerDep, SessionDep
 from app.api.errors import ApiError
-from app.api.schemas import JOB_EXAMPLES, JobCreate, JobList, JobPublic, JobStatus
+from app.api.schemas import (
+    JOB_EXAMPLES,
+    DinmJobCreate,
+    EvalJobCreate,
+    JobCreate,
+    JobList,
+    JobPublic,
+    JobStatus,
+    UnlearnJobCreate,
+)
 from app.store import crud
 from app.store.errors import NotFound
+from app.store.models import Version
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_PAGE = 1000  # the store's own cap on a page
@@ -38,24 +49,21 @@ def submit_job(
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
-    """Validate the edit, write a `queued` job and enqueue it; the worker does the rest."""
+    """Validate the job, write it `queued` and enqueue it; the worker does the rest.
+
+    `dinm` and `unlearn` make a new version on top of `parent`; `eval` runs suites on `model` and
+    attaches the results to it (its job's `parent` is the evaluated version)."""
     if idempotency_key is not None:
         existing = crud.find_job_by_idempotency_key(session=session, key=idempotency_key)
         if existing is not None:
             response.headers["Idempotent-Replayed"] = "true"
             return JobPublic.from_row(existing)
-    parent_id = _parent_id(session, body.parent)
-    if body.name is not None and crud.version_name_exists(session=session, name=body.name):
-        raise ApiError(
-            409,
-            f"a version named {body.name!r} already exists",
-            param="name",
-            code="duplicate_version_name",
-        )
+    job_in = body.root
+    parent_id, spec = _prepare(session, job_in)
     job, created = crud.create_job(
         session=session,
-        kind=body.kind,
-        spec=body.spec(),
+        kind=job_in.kind,
+        spec=spec,
         parent_version_id=parent_id,
         idempotency_key=idempotency_key,
     )
@@ -66,17 +74,58 @@ def submit_job(
     return JobPublic.from_row(crud.get_job(session=session, job_id=job.id))
 
 
-def _parent_id(session: Session, parent: str) -> int | None:
-    if parent == "base":
+def _prepare(
+    session: Session, job: DinmJobCreate | UnlearnJobCreate | EvalJobCreate
+) -> tuple[int | None, dict[str, Any]]:
+    """(parent version id, spec to store), every name the job refers to resolved."""
+    if isinstance(job, EvalJobCreate):
+        version = _version(session, job.model, param="model", code="model_not_found")
+        return (
+            version.id if version else None,
+            job.spec(model=version.name if version else "base"),
+        )
+    parent = _version(session, job.parent, param="parent", code="parent_not_found")
+    if job.name is not None and crud.version_name_exists(session=session, name=job.name):
+        raise ApiError(
+            409,
+            f"a version named {job.name!r} already exists",
+            param="name",
+            code="duplicate_version_name",
+        )
+    parent_id = parent.id if parent else None
+    if isinstance(job, UnlearnJobCreate):
+        corpus_id = _corpus_id(session, job.corpus_id, "corpus_id")
+        retain_id = _corpus_id(session, job.retain_corpus_id, "retain_corpus_id")
+        return parent_id, job.spec(corpus_id=corpus_id, retain_corpus_id=retain_id)
+    return parent_id, job.spec()
+
+
+def _version(session: Session, name: str, *, param: str, code: str) -> Version | None:
+    """The live version called `name` ("latest": the newest), None for "base"; else 404."""
+    if name == "base":
         return None
     try:
-        return crud.get_version(session=session, name=parent).id
+        return crud.get_version(session=session, name=name)
     except NotFound:
         raise ApiError(
             404,
-            f"parent {parent!r} is not a live version (unknown or retired)",
-            param="parent",
-            code="parent_not_found",
+            f"{param} {name!r} is not a live version (unknown or retired)",
+            param=param,
+            code=code,
+        ) from None
+
+
+def _corpus_id(session: Session, ref: str | None, param: str) -> str | None:
+    if ref is None:
+        return None
+    try:
+        return crud.get_corpus(session=session, id_or_name=ref).id
+    except NotFound:
+        raise ApiError(
+            404,
+            f"{param}: no corpus {ref!r} (upload it with POST /v1/corpora)",
+            param=param,
+            code="corpus_not_found",
         ) from None
 
 
