@@ -55,15 +55,17 @@ def trainer_run(lm, forget: list[Document], params: UnlearnParams) -> tuple[floa
 
     class MaskedAscent(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            batch = inputs
-            tokens[0] += int(batch.attention.sum())
-            logits = model(input_ids=batch.ids, attention_mask=batch.attention).logits[:, :-1]
-            nll = F.cross_entropy(
-                logits.float().transpose(1, 2), batch.ids[:, 1:], reduction="none"
-            )
-            mask = batch.targets.float() * batch.attention[:, 1:]
+            ids, attention = inputs["input_ids"], inputs["attention_mask"]
+            tokens[0] += int(attention.sum())
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+            nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+            mask = inputs["targets"].float() * attention[:, 1:]
             loss = -(nll * mask).sum() / mask.sum().clamp(min=1)
             return (loss, None) if return_outputs else loss
+
+    def collate(items):  # the Trainer wants a mapping: the same batch as detox's own loop
+        batch = _collate(items, pad, lm.device)
+        return {"input_ids": batch.ids, "attention_mask": batch.attention, "targets": batch.targets}
 
     torch.manual_seed(params.seed)
     config = LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, target_modules=names)
@@ -87,7 +89,7 @@ def trainer_run(lm, forget: list[Document], params: UnlearnParams) -> tuple[floa
         model=model,
         args=args,
         train_dataset=_Pieces(pieces),
-        data_collator=lambda items: _collate(items, pad, lm.device),
+        data_collator=collate,
     )
     reset_peak(lm.device)
     start = time.perf_counter()
@@ -117,7 +119,7 @@ def main() -> None:
     forget = stereotype_documents(pairs)
     params = UnlearnParams(
         steps=args.steps, batch_size=args.batch_size, lr=2e-4, max_ppl_increase=None,
-        check_every=10**6,
+        check_every=10_000,
     )  # fmt: skip
     detox_run(lm, forget[:8], params.model_copy(update={"steps": 2}))  # warm-up
     rows = []

@@ -123,13 +123,18 @@ class ModelAdapter:
         self.mlp_out(layer)
         return f"{self.spec.layers}.{layer}.{self.spec.mlp_out}.weight"
 
+    @property
+    def head(self) -> nn.Module:
+        """The output head (hidden states -> logits)."""
+        return _head(self.model, self.spec)  # type: ignore[return-value]
+
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm(s) and output head applied to the last decoder layer's output."""
         for path in self.spec.final_norms:
             norm = _resolve(self.model, path)
             if norm is not None:
                 hidden = norm(hidden)
-        logits = _head(self.model, self.spec)(hidden)  # type: ignore[misc]
+        logits = self.head(hidden)
         config = getattr(self.model, "config", None)
         # Some families rescale logits after the head: Cohere multiplies, Granite divides.
         if scale := getattr(config, "logit_scale", None):

@@ -1,9 +1,14 @@
-"""Peak memory of a piece of work: GPU allocations on CUDA, resident set size on CPU."""
+"""Peak memory of a piece of work: GPU allocations on CUDA, resident set size on CPU; and
+handing freed heap memory back to the system."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import resource
+import sys
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -33,3 +38,23 @@ def peak_mb(device: torch.device) -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # glibc only (not musl)
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Return the heap's free pages to the system (glibc `malloc_trim`). Why: after a large
+    transient buffer is freed (a delta blob read from the store), glibc raises its mmap threshold
+    and keeps later buffers of that size in the heap, where freed pages stay resident."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

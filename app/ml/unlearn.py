@@ -399,11 +399,10 @@ class _Trainer:
     def _loss_terms(self, pieces: list[EncodedDocument]) -> dict[str, torch.Tensor]:
         batch = _collate(pieces, self.pad, self.lm.device)
         self.tokens += int(batch.attention.sum())
-        token_nll = self._token_nll(batch)
-        mask = batch.targets.float()
-        forget_nll = (token_nll * mask).sum() / mask.sum().clamp(min=1)
+        nll = self._target_nll(batch)
+        forget_nll = nll.mean()
         if self.method == "npo":
-            logp = -(token_nll * mask).sum(-1)
+            logp = -_per_row(nll, batch)
             ref = torch.stack([self.reference[id(p)] for p in pieces]).to(logp)
             loss = (2 / self.params.npo_beta) * F.softplus(
                 self.params.npo_beta * (logp - ref)
@@ -415,8 +414,7 @@ class _Trainer:
             retain = _collate(next(self.retain_batches), self.pad, self.lm.device)
             self.tokens += int(retain.attention.sum())
             if self.method == "graddiff":
-                retain_mask = retain.targets.float()
-                retain_nll = (self._token_nll(retain) * retain_mask).sum() / retain_mask.sum()
+                retain_nll = self._target_nll(retain).mean()
                 loss = loss + self.params.retain_weight * retain_nll
                 terms["retain_nll"] = retain_nll
             if self.params.kl_weight > 0:
@@ -426,23 +424,25 @@ class _Trainer:
         terms["loss"] = loss
         return terms
 
-    def _logits(self, batch: _Batch) -> torch.Tensor:
-        out = self.lm.model(input_ids=batch.ids, attention_mask=batch.attention)
-        return out.logits[:, :-1].float()
+    def _target_logits(self, batch: _Batch) -> torch.Tensor:
+        """Logits [n, vocab] at the n positions that predict a target token, in row-major order.
+        The output head (large with a big vocabulary) runs on those positions only."""
+        predicts = F.pad(batch.targets, (0, 1))  # position t predicts the token at t + 1
+        with _head_only_at(self.lm.adapter.head, predicts):
+            out = self.lm.model(input_ids=batch.ids, attention_mask=batch.attention)
+        return out.logits.float()
 
-    def _token_nll(self, batch: _Batch) -> torch.Tensor:
-        logits = self._logits(batch)
-        nll = F.cross_entropy(logits.transpose(1, 2), batch.ids[:, 1:], reduction="none")
-        return nll * batch.attention[:, 1:]
+    def _target_nll(self, batch: _Batch) -> torch.Tensor:
+        """NLL [n] of each target token."""
+        targets = batch.ids[:, 1:][batch.targets]
+        return F.cross_entropy(self._target_logits(batch), targets, reduction="none")
 
     def _retain_kl(self, batch: _Batch) -> torch.Tensor:
         """KL(parent || edited) per retain token, averaged."""
         with torch.no_grad(), self.trainable.disabled():
-            parent = F.log_softmax(self._logits(batch), dim=-1)
-        edited = F.log_softmax(self._logits(batch), dim=-1)
-        per_token = (parent.exp() * (parent - edited)).sum(-1)
-        mask = batch.targets.float() * batch.attention[:, 1:]
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+            parent = F.log_softmax(self._target_logits(batch), dim=-1)
+        edited = F.log_softmax(self._target_logits(batch), dim=-1)
+        return (parent.exp() * (parent - edited)).sum(-1).mean()
 
     @torch.no_grad()
     def _reference_logprobs(self) -> dict[int, torch.Tensor]:
@@ -453,7 +453,7 @@ class _Trainer:
             for i in range(0, len(self.forget), self.params.batch_size):
                 pieces = self.forget[i : i + self.params.batch_size]
                 batch = _collate(pieces, self.pad, self.lm.device)
-                logp = -(self._token_nll(batch) * batch.targets.float()).sum(-1)
+                logp = -_per_row(self._target_nll(batch), batch)
                 reference.update({id(p): v for p, v in zip(pieces, logp, strict=True)})
         return reference
 
@@ -469,7 +469,37 @@ class _Trainer:
         total = count = 0.0
         for i in range(0, len(pieces), self.params.batch_size):
             batch = _collate(pieces[i : i + self.params.batch_size], self.pad, self.lm.device)
-            mask = batch.targets.float()
-            total += (self._token_nll(batch) * mask).sum().item()
-            count += mask.sum().item()
+            nll = self._target_nll(batch)
+            total += nll.sum().item()
+            count += nll.numel()
         return total / max(count, 1.0)
+
+
+def _per_row(values: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    """Sums [B] per batch row of per-target values [n] (row-major, as `_target_logits`)."""
+    rows = batch.targets.nonzero()[:, 0]
+    return torch.zeros(batch.ids.shape[0], dtype=values.dtype, device=values.device).index_add(
+        0, rows, values
+    )
+
+
+@contextmanager
+def _head_only_at(head: nn.Module, where: torch.Tensor) -> Iterator[None]:
+    """While inside, the output head sees only the positions `where` [B, T] selects, so the
+    model's logits come out as [n, vocab]. Anything a family applies after its head (logit
+    scaling, soft-capping) is element-wise and stays correct."""
+
+    def select(_module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        if hidden.shape[:2] != where.shape:
+            raise RuntimeError(
+                f"the output head got hidden states of shape {tuple(hidden.shape)}, expected "
+                f"[batch, positions] = {tuple(where.shape)} first"
+            )
+        return (hidden[where], *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -20,12 +20,14 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
 
 from app.ml.generation import _pad_id, _stop_ids
 from app.ml.judges import Judge, load_judge
+from app.ml.memory import release_free_memory
 from app.ml.models import LoadedModel, load_model
 from app.ml.prompts import encode_prompt
 from app.notify import VersionSubscriber, is_redis
@@ -165,11 +167,14 @@ class Engine:
 
     def _load(self, info: VersionInfo) -> VersionWeights:
         deltas = self.source.load_chain(info.id)  # the store read stays off the compute thread
-        return self._batcher.call(
-            lambda: version_weights(
-                self.lm.model, info.name, deltas, base_fingerprints=self._fingerprints
-            )
-        )
+        build = partial(
+            version_weights, self.lm.model, info.name, deltas,
+            base_fingerprints=self._fingerprints,
+        )  # fmt: skip
+        weights = self._batcher.call(build)
+        del deltas, build  # the blobs and their tensors: only the summed weights stay cached
+        release_free_memory()
+        return weights
 
     def _poll(self) -> None:
         while not self._closed.wait(self.poll_s):

@@ -18,9 +18,10 @@ from sqlalchemy import Engine
 
 from app.api.main import create_app
 from app.settings import Settings
+from tests.services import redis_url
 from workers.celery_app import Queue
 
-REDIS_URL = "redis://127.0.0.1:6379/6"
+REDIS_URL = redis_url(6)
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 
 CASE: dict[str, Any] = {

@@ -15,9 +15,10 @@ import httpx
 import pytest
 
 from tests.api.conftest import CASE, closed_port
+from tests.services import redis_url
 
 ROOT = Path(__file__).resolve().parents[2]
-BROKER_URL = "redis://127.0.0.1:6379/7"
+BROKER_URL = redis_url(7)
 
 
 def _env(**extra: str) -> dict[str, str]:

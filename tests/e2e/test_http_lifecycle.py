@@ -17,9 +17,10 @@ import pytest
 import redis
 
 from app.cli.client import DetoxClient
+from tests.services import redis_url
 
 ROOT = Path(__file__).resolve().parents[2]
-REDIS_URL = "redis://127.0.0.1:6379/8"
+REDIS_URL = redis_url(8)
 INSTANCE = json.loads((ROOT / "examples" / "safeedit_example.json").read_text())[0]
 TERMINAL = {"succeeded", "failed", "cancelled"}
 

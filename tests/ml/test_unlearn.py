@@ -33,25 +33,43 @@ def test_masked_ga_puts_no_gradient_outside_the_spans():
     lm = tiny_model("llama")
     params = UnlearnParams(scope="dense")
     pieces = _pieces(lm, FORGET, 64, all_tokens=False)
-    with _trainable(lm, _module_names(lm, params), params) as trainable:
-        trainer = _Trainer(lm, trainable, pieces, _pieces(lm, RETAIN, 64, all_tokens=True),
-                           "masked_ga", params)  # fmt: skip
-        kept: list[torch.Tensor] = []
-        plain = trainer._logits
+    seen: list[torch.Tensor] = []
 
-        def keep_logits(batch):
-            out = plain(batch)
-            out.retain_grad()
-            kept.append(out)
-            return out
+    def capture(_module, args):  # the head's full input, before anything selects from it
+        args[0].retain_grad()
+        seen.append(args[0])
 
-        trainer._logits = keep_logits
-        trainer._loss_terms(pieces)["loss"].backward()
-    grad = kept[0].grad.abs().sum(-1)  # [B, T-1]: gradient reaching each prediction
+    handle = lm.adapter.head.register_forward_pre_hook(capture)
+    try:
+        with _trainable(lm, _module_names(lm, params), params) as trainable:
+            trainer = _Trainer(lm, trainable, pieces, _pieces(lm, RETAIN, 64, all_tokens=True),
+                               "masked_ga", params)  # fmt: skip
+            trainer._loss_terms(pieces)["loss"].backward()
+    finally:
+        handle.remove()
+    # Gradient reaching the head at each position that predicts a next token: [B, T-1].
+    grad = seen[0].grad.abs().sum(-1)[:, :-1]
     batch = _collate(pieces, 0, lm.device)
-    assert batch.targets.any()
+    assert batch.targets.any() and not batch.targets.all()
     assert torch.all(grad[~batch.targets] == 0)
     assert torch.all(grad[batch.targets] > 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt-neox", "opt"])
+def test_target_only_head_gives_the_full_models_nll(family):
+    lm = tiny_model(family)
+    params = UnlearnParams(scope="dense")
+    pieces = _pieces(lm, FORGET, 64, all_tokens=False)
+    batch = _collate(pieces, 0, lm.device)
+    with torch.no_grad():
+        full = lm.model(input_ids=batch.ids, attention_mask=batch.attention).logits[:, :-1]
+        expected = torch.nn.functional.cross_entropy(
+            full[batch.targets].float(), batch.ids[:, 1:][batch.targets], reduction="none"
+        )
+        with _trainable(lm, _module_names(lm, params), params) as trainable:
+            trainer = _Trainer(lm, trainable, pieces, pieces, "masked_ga", params)
+            got = trainer._target_nll(batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

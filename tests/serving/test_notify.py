@@ -10,9 +10,10 @@ from app.serving.engine import Engine
 from app.serving.source import StoreVersionSource
 from app.store import crud
 from tests.factories import tiny_model
+from tests.services import redis_url
 from tests.serving.conftest import random_delta, store_version
 
-REDIS_URL = "redis://127.0.0.1:6379/9"
+REDIS_URL = redis_url(9)
 
 
 def _eventually(predicate, timeout: float = 2.0) -> bool:

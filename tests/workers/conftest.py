@@ -22,10 +22,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings
 from app.store import make_engine, make_sessionmaker, migrate
+from tests.services import redis_url
 from workers.celery_app import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
-REDIS_URL = "redis://127.0.0.1:6379/5"
+REDIS_URL = redis_url(5)
 HEARTBEAT_TIMEOUT_S = 3.0
 MODES = ["embedded", "postgres-redis"]
 
