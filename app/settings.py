@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DATABASE_SCHEMES = ("sqlite", "postgresql")
@@ -92,6 +92,39 @@ class Settings(BaseSettings):
         le=512 * 1024**2,  # stored whole in one row: well inside PostgreSQL's 1 GB per value
         description="largest corpus upload (bytes of the request body); larger is refused (413)",
     )
+    serving_max_prompt_tokens: int | None = Field(
+        None, ge=1, le=1_048_576,
+        description="longest prompt in tokens (413 beyond it); None: only the context limits it",
+    )  # fmt: skip
+    serving_max_pending: int = Field(
+        64, ge=1, le=100_000,
+        description="generation requests waiting or running at once; more are refused with 503",
+    )  # fmt: skip
+    auth: bool = Field(
+        True, description="require API keys (DETOX_AUTH=false only on a loopback address)"
+    )
+    admin_key: SecretStr | None = Field(
+        None, description="a bootstrap admin key accepted besides the stored keys (DETOX_ADMIN_KEY)"
+    )
+    auth_cache_s: float = Field(
+        5.0, ge=0, le=3600,
+        description="seconds a checked key is trusted without a database read (0: every request); "
+        "a revocation reaches other API processes within this",
+    )  # fmt: skip
+    rate_limit_per_minute: int = Field(
+        600, ge=0, le=10_000_000, description="requests per minute per API key (0: no limit)"
+    )
+    rate_limit_burst: int = Field(
+        60, ge=1, le=10_000_000, description="requests a key may make at once above the rate"
+    )
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, le=1024**3,
+        description="largest request body (corpus uploads: corpus_max_bytes); 413 beyond it",
+    )  # fmt: skip
+    max_active_jobs_per_key: int = Field(
+        100, ge=1, le=1_000_000,
+        description="queued or running jobs one API key may have; more are refused with 429",
+    )  # fmt: skip
     url: str = Field(
         "http://127.0.0.1:8000", description="the API's address, for the CLI clients (DETOX_URL)"
     )

@@ -19,6 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.store import migrate
 from app.store.db import make_engine, make_sessionmaker
 from app.store.models import ApiKey, Corpus, DeltaRow, Job, Version
+from tests.services import ADMIN_KEY
+
+os.environ["DETOX_ADMIN_KEY"] = ADMIN_KEY
+os.environ["DETOX_API_KEY"] = ADMIN_KEY
 
 PG_ADMIN_URL = os.environ.get(
     "DETOX_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -10,6 +10,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as TimeoutError_  # the connection pool ran dry
 from starlette.exceptions import HTTPException
 
 from app.store import errors as store_errors
@@ -24,6 +26,7 @@ UNAVAILABLE = "service_unavailable_error"
 INTERNAL = "internal_error"
 
 _TYPE_BY_STATUS = {404: NOT_FOUND, 409: CONFLICT, 503: UNAVAILABLE}
+DATABASE_RETRY_AFTER_S = 2
 _LOCATIONS = ("body", "query", "path", "header", "cookie")
 
 
@@ -59,6 +62,7 @@ class ApiError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -66,6 +70,9 @@ class ApiError(Exception):
         self.type = type or _TYPE_BY_STATUS.get(status, INVALID_REQUEST)
         self.param = param
         self.code = code
+        self.headers = dict(headers or {})
+        if status == 401:
+            self.headers.setdefault("WWW-Authenticate", "Bearer")
 
 
 def param_name(loc: Sequence[str | int]) -> str | None:
@@ -107,7 +114,9 @@ async def _on_validation(_request: Request, exc: RequestValidationError) -> JSON
 
 
 async def _on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+    return error_response(
+        exc.status, exc.message, exc.type, exc.param, exc.code, headers=exc.headers or None
+    )
 
 
 async def _on_http(_request: Request, exc: HTTPException) -> JSONResponse:
@@ -147,6 +156,19 @@ async def _on_broker(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, message, UNAVAILABLE, code="broker_unavailable")
 
 
+async def _on_database(request: Request, exc: Exception) -> JSONResponse:
+    """The database is unreachable, refused the connection or has no connection to spare (an
+    OperationalError also wraps psycopg's AdminShutdown and friends): the client may retry."""
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(
+        503,
+        "the database is unavailable; retry shortly",
+        UNAVAILABLE,
+        code="database_unavailable",
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+    )
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal server error", INTERNAL, code="internal_error")
@@ -160,4 +182,6 @@ def install_error_handlers(app: FastAPI, *, broker_error: type[Exception]) -> No
     for cls in _STORE_ERRORS:
         app.add_exception_handler(cls, _on_store)
     app.add_exception_handler(broker_error, _on_broker)
+    for cls in (OperationalError, InterfaceError, DisconnectionError, TimeoutError_):
+        app.add_exception_handler(cls, _on_database)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -13,9 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
+from app.api.auth import KeyCache, annotate_roles
+from app.api.body_limit import BodyLimit, is_corpus_upload
 from app.api.broker import Broker, CeleryBroker, broker_error
 from app.api.errors import install_error_handlers
-from app.api.routes import corpora, generation, health, jobs, versions
+from app.api.ratelimit import make_limiter
+from app.api.routes import corpora, generation, health, jobs, keys, versions
+from app.notify import is_redis
 from app.serving.provider import ServingProvider
 from app.settings import Settings, get_settings
 from app.store.db import make_engine, make_sessionmaker
@@ -65,7 +69,17 @@ def create_app(
     )
     app.state.settings = settings
     app.state.broker = broker or CeleryBroker(settings)
+    app.state.key_cache = KeyCache(settings.auth_cache_s)
+    broker_url = settings.resolved_broker_url()
+    app.state.rate_limiter = make_limiter(
+        settings.rate_limit_per_minute,
+        settings.rate_limit_burst,
+        broker_url if is_redis(broker_url) else None,
+    )
     install_error_handlers(app, broker_error=broker_error())
-    for router in (health.router, jobs.router, versions.router, corpora.router, generation.router):
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, exempt=is_corpus_upload)
+    routers = [m.router for m in (health, jobs, versions, corpora, generation, keys)]
+    annotate_roles(routers)
+    for router in routers:
         app.include_router(router)
     return app

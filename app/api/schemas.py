@@ -28,7 +28,7 @@ from app.ml.params import DinmParams
 from app.ml.safeedit import SafeEditInstance
 from app.ml.unlearn_params import UnlearnMethod, UnlearnParams
 from app.store import crud
-from app.store.models import Corpus, Job, Version
+from app.store.models import ApiKey, Corpus, Job, Version
 
 JobKind = Literal["dinm", "unlearn", "eval"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -449,3 +449,44 @@ class CheckResult(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready"]
     checks: dict[str, CheckResult]
+
+
+Role = Literal["reader", "editor", "admin"]
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, description="who or what uses the key")
+    role: Role = Field(
+        "reader",
+        description="reader (generate, read), editor (+ jobs, versions, corpora), admin (+ keys)",
+    )
+
+
+class KeyPublic(BaseModel):
+    id: int
+    name: str
+    role: Role
+    prefix: str | None = Field(description="the key's first characters, to tell keys apart")
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @classmethod
+    def from_row(cls, key: ApiKey) -> KeyPublic:
+        return cls(
+            id=key.id,
+            name=key.name,
+            role=key.role,  # type: ignore[arg-type]
+            prefix=key.prefix,
+            created_at=key.created_at,
+            revoked_at=key.revoked_at,
+        )
+
+
+class KeyCreated(KeyPublic):
+    key: str = Field(description="the key itself: shown this once, never again")
+
+
+class KeyList(BaseModel):
+    data: list[KeyPublic]

@@ -147,6 +147,17 @@ class DetoxClient:
     def delete_corpus(self, id_or_name: str) -> None:
         self._request("DELETE", f"/v1/corpora/{quote(id_or_name, safe='')}")
 
+    # keys (admin)
+    def create_key(self, name: str, role: str) -> Any:
+        return self._request("POST", "/v1/keys", json={"name": name, "role": role})
+
+    def list_keys(self, *, include_revoked: bool = False) -> Any:
+        params = {"include_revoked": "true"} if include_revoked else {}
+        return self._request("GET", "/v1/keys", params=params)
+
+    def revoke_key(self, key_id: int) -> Any:
+        return self._request("DELETE", f"/v1/keys/{key_id}")
+
     # generation
     def list_models(self) -> Any:
         return self._request("GET", "/v1/models")

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli import analysis, corpora, generation, jobs, service, versions
+from app.cli import analysis, corpora, generation, jobs, keys, service, versions
 from app.cli.output import fail_on_bad_input, parse_params_json, print_json
 from app.settings import get_settings
 
@@ -154,6 +154,7 @@ analysis.register(app)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(versions.app, name="versions")
 app.add_typer(corpora.app, name="corpora")
+app.add_typer(keys.app, name="keys")
 
 
 def main() -> None:

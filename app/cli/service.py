@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import signal
 import subprocess
@@ -34,7 +35,14 @@ def register(app: typer.Typer) -> None:
 def api(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     """The HTTP API (production: DETOX_DATABASE_URL, DETOX_BROKER_URL). Migrates first."""
     settings = get_settings()
+    _check_exposure(settings, host)
     _migrate(settings)
+    if settings.auth and settings.admin_key is None and not _has_admin_key(settings):
+        console.print(
+            "[yellow]warning:[/yellow] no admin API key exists: set DETOX_ADMIN_KEY to manage "
+            "keys (`detox keys create`)",
+            highlight=False,
+        )
     _serve(settings, host, port)
 
 
@@ -51,8 +59,11 @@ def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     """Everything on this machine: the API and one worker, state under DETOX_HOME (SQLite and a
     broker that needs no server by default). Ctrl-C stops both."""
     settings = get_settings()
+    _check_exposure(settings, host)
     home = settings.home_dir()
     _migrate(settings)
+    if settings.auth and settings.admin_key is None and not _has_admin_key(settings):
+        _print_first_admin_key(settings, f"http://{host}:{port}")
     env = {**os.environ, "DETOX_HOME": str(home)}  # the worker must find the same state
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "worker"],
@@ -84,6 +95,60 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _check_exposure(settings: Settings, host: str) -> None:
+    """Refuse to serve without authentication on anything but a loopback address."""
+    if not settings.auth and not is_loopback(host):
+        console.print(
+            f"[red]error:[/red] refusing to listen on {host} with authentication disabled "
+            "(DETOX_AUTH=false): listen on 127.0.0.1, or enable authentication",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _has_admin_key(settings: Settings) -> bool:
+    from app.store import crud
+    from app.store.db import make_engine, make_sessionmaker
+
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        with make_sessionmaker(engine)() as session:
+            return crud.count_live_api_keys(session=session, role="admin") > 0
+    finally:
+        engine.dispose()
+
+
+def _print_first_admin_key(settings: Settings, url: str) -> None:
+    """The first start: an admin key is made and printed, this once (only its hash is kept)."""
+    from app.api.auth import issue_key
+    from app.store.db import make_engine, make_sessionmaker
+
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        with make_sessionmaker(engine)() as session:
+            _row, key = issue_key(session=session, name="admin (detox up)", role="admin")
+    finally:
+        engine.dispose()
+    console.print(
+        "[bold]First start: an admin API key was created. It is shown only now; store it:[/bold]"
+        f"\n\n    export DETOX_API_KEY={key}\n\n"
+        f"Send it as `Authorization: Bearer <key>` to {url}; `detox keys create NAME --role "
+        "reader|editor|admin` makes more.",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _migrate(settings: Settings) -> None:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -34,7 +35,12 @@ from app.notify import VersionSubscriber, is_redis
 from app.serving.batcher import Batcher
 from app.serving.cache import VersionCache
 from app.serving.decoding import GenRequest, run_batch
-from app.serving.errors import PromptTooLongError, UnknownModelError
+from app.serving.errors import (
+    OverloadedError,
+    PromptTooLargeError,
+    PromptTooLongError,
+    UnknownModelError,
+)
 from app.serving.sampling import Event, Failed, Finished, SamplingParams
 from app.serving.source import StoreVersionSource, VersionInfo, VersionSource
 from app.serving.weights import BatchDeltaHooks, VersionWeights, version_weights
@@ -65,6 +71,8 @@ class Engine:
         max_batch_size: int = 8,
         max_wait_s: float = 0.01,
         max_tokens: int = 512,
+        max_prompt_tokens: int | None = None,
+        max_pending: int = 64,
         poll_s: float = 1.0,
         judge_loader: Callable[[], Judge] | None = None,
         notify_url: str | None = None,
@@ -73,6 +81,9 @@ class Engine:
         self.source = source
         self.cache = VersionCache(cache_size)
         self.max_tokens = max_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_pending = max_pending
+        self.pending = 0  # requests admitted and not finished (touched on the event loop only)
         self.poll_s = poll_s
         self._judge_loader = judge_loader or (lambda: load_judge("offline"))
         self._judge: Judge | None = None
@@ -91,17 +102,25 @@ class Engine:
         self.refresh()
 
     @classmethod
-    def from_settings(cls, settings: Settings, sessions: Any) -> Engine:
-        """The engine of the API process: the configured model, versions from the store."""
+    def from_settings(
+        cls,
+        settings: Settings,
+        sessions: Any,
+        *,
+        lm: LoadedModel | None = None,
+        judge_loader: Callable[[], Judge] | None = None,
+    ) -> Engine:
+        """The engine of the API process: the configured model (or `lm`, already loaded),
+        versions from the store, every serving setting applied."""
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
 
         def load() -> tuple[LoadedModel, str]:
-            lm = load_model(
+            loaded = lm if lm is not None else load_model(
                 settings.model, device=settings.device, dtype=settings.dtype,
                 cache_dir=settings.cache_dir,
             )  # fmt: skip
-            return lm, base_fingerprint(lm)
+            return loaded, base_fingerprint(loaded)
 
         lm, fingerprint = _on_passing_thread(load)
         return cls(
@@ -111,8 +130,11 @@ class Engine:
             max_batch_size=settings.serving_max_batch_size,
             max_wait_s=settings.serving_max_wait_ms / 1000,
             max_tokens=settings.serving_max_tokens,
+            max_prompt_tokens=settings.serving_max_prompt_tokens,
+            max_pending=settings.serving_max_pending,
             poll_s=settings.serving_poll_s,
-            judge_loader=lambda: load_judge(settings.judge, device=settings.device),
+            judge_loader=judge_loader
+            or (lambda: load_judge(settings.judge, device=settings.device)),
             notify_url=settings.resolved_broker_url(),
         )
 
@@ -204,6 +226,11 @@ class Engine:
 
     def token_budget(self, prompt_ids: Sequence[int], requested: int | None) -> int:
         """How many new tokens the request may have: capped by the setting and the context."""
+        if self.max_prompt_tokens is not None and len(prompt_ids) > self.max_prompt_tokens:
+            raise PromptTooLargeError(
+                f"the prompt is {len(prompt_ids)} tokens long; this server takes at most "
+                f"{self.max_prompt_tokens} (DETOX_SERVING_MAX_PROMPT_TOKENS)"
+            )
         room = self.context_length - len(prompt_ids)
         if room < 1:
             raise PromptTooLongError(
@@ -218,13 +245,14 @@ class Engine:
         self, prompt_ids: list[int], target: Target, params: SamplingParams
     ) -> AsyncIterator[Event]:
         """The request's events, ending with `Finished` or `Failed`. Leaving early cancels it."""
-        [(request, events)] = self._requests([(prompt_ids, target, params)])
-        self._batcher.submit(request)
-        try:
-            async for event in _drain(events):
-                yield event
-        finally:
-            request.cancelled.set()
+        with self._admitted(1):
+            [(request, events)] = self._requests([(prompt_ids, target, params)])
+            self._batcher.submit(request)
+            try:
+                async for event in _drain(events):
+                    yield event
+            finally:
+                request.cancelled.set()
 
     async def complete(
         self, prompt_ids: list[int], target: Target, params: SamplingParams
@@ -236,13 +264,29 @@ class Engine:
         self, jobs: Sequence[tuple[list[int], Target, SamplingParams]]
     ) -> list[Finished]:
         """Several requests submitted as one group, so they run in the same batch."""
-        pairs = self._requests(jobs)
-        self._batcher.submit(*(request for request, _ in pairs))
+        with self._admitted(len(jobs)):
+            pairs = self._requests(jobs)
+            self._batcher.submit(*(request for request, _ in pairs))
+            try:
+                return list(await asyncio.gather(*(_result(events) for _, events in pairs)))
+            finally:
+                for request, _ in pairs:
+                    request.cancelled.set()
+
+    @contextmanager
+    def _admitted(self, count: int) -> Iterator[None]:
+        """Count `count` requests in while they run; refuse them when the engine is full, so a
+        flood is answered at once instead of queueing without bound."""
+        if self.pending + count > self.max_pending:
+            raise OverloadedError(
+                f"the server is busy: {self.pending} generation requests are in progress, at "
+                f"most {self.max_pending} are taken (DETOX_SERVING_MAX_PENDING); retry shortly"
+            )
+        self.pending += count
         try:
-            return list(await asyncio.gather(*(_result(events) for _, events in pairs)))
+            yield
         finally:
-            for request, _ in pairs:
-                request.cancelled.set()
+            self.pending -= count
 
     def _requests(
         self, jobs: Sequence[tuple[list[int], Target, SamplingParams]]

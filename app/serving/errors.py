@@ -19,5 +19,13 @@ class PromptTooLongError(ServingError):
     """The prompt leaves no room for a single new token in the model's context."""
 
 
+class PromptTooLargeError(ServingError):
+    """The prompt is longer than this server takes (`serving_max_prompt_tokens`)."""
+
+
+class OverloadedError(ServingError):
+    """Too many generation requests in progress; the caller should retry shortly."""
+
+
 class EngineClosedError(ServingError):
     """The engine was shut down; no more requests are taken."""

@@ -37,7 +37,7 @@ from app.serving.protocol import (
     new_id,
     now,
 )
-from app.serving.sampling import Failed, Finished, TextDelta
+from app.serving.sampling import Event, Failed, Finished, TextDelta
 
 if TYPE_CHECKING:
     from app.serving.engine import Engine, Target
@@ -76,7 +76,8 @@ class OpenAIServing:
         )
         rid, created = new_id("cmpl"), now()
         if request.stream:
-            return self._completion_stream(request, rid, created, target, ids, params)
+            events = await self._started(ids, target, params)
+            return self._completion_stream(request, rid, created, target, events)
         result = await self.engine.complete(ids, target, params)
         return Completion(
             id=rid,
@@ -96,7 +97,8 @@ class OpenAIServing:
         )
         rid, created = new_id("chatcmpl"), now()
         if request.stream:
-            return self._chat_stream(request, rid, created, target, ids, params)
+            events = await self._started(ids, target, params)
+            return self._chat_stream(request, rid, created, target, events)
         result = await self.engine.complete(ids, target, params)
         return ChatCompletion(
             id=rid,
@@ -114,18 +116,30 @@ class OpenAIServing:
     def _prepare(self, model: str, encode: Callable[[], list[int]]) -> tuple[Target, list[int]]:
         return self.engine.target(model), encode()
 
-    async def _completion_stream(self, request, rid, created, target, ids, params):
+    async def _started(self, ids, target, params) -> AsyncIterator[Event]:
+        """The engine's stream, its first event already taken: admission (a full engine raises
+        OverloadedError) and the prompt's prefill happen before the HTTP response starts, so
+        their errors are still HTTP errors."""
+        events = self.engine.stream(ids, target, params)
+        try:
+            first = await anext(events)
+        except BaseException:
+            await events.aclose()
+            raise
+        return _prepended(first, events)
+
+    async def _completion_stream(self, request, rid, created, target, events):
         def chunk(text: str, finish: str | None, usage: Usage | None = None) -> Completion:
             choices = [CompletionChoice(text=text, finish_reason=finish)] if usage is None else []
             return Completion(
                 id=rid, created=created, model=target.name, choices=choices, usage=usage
             )
 
-        async with aclosing(self._events(request, ids, target, params, chunk)) as lines:
+        async with aclosing(self._events(request, events, chunk)) as lines:
             async for line in lines:
                 yield line
 
-    async def _chat_stream(self, request, rid, created, target, ids, params):
+    async def _chat_stream(self, request, rid, created, target, events):
         first = True
 
         def chunk(text: str, finish: str | None, usage: Usage | None = None):
@@ -141,14 +155,14 @@ class OpenAIServing:
                 id=rid, created=created, model=target.name, choices=choices, usage=usage
             )
 
-        async with aclosing(self._events(request, ids, target, params, chunk)) as lines:
+        async with aclosing(self._events(request, events, chunk)) as lines:
             async for line in lines:
                 yield line
 
-    async def _events(self, request, ids, target, params, chunk) -> AsyncIterator[str]:
+    async def _events(self, request, events, chunk) -> AsyncIterator[str]:
         # aclosing: when the client goes away, the engine's stream is closed at once, which
         # cancels the request and frees its slot in the batch.
-        async with aclosing(self.engine.stream(ids, target, params)) as events:
+        async with aclosing(events):
             async for line in self._lines(request, events, chunk):
                 yield line
         yield DONE
@@ -204,3 +218,11 @@ class OpenAIServing:
             for target, result, score in zip(targets, results, scores, strict=True)
         ]
         return AbResponse(arms=arms, judge=judge_name)
+
+
+async def _prepended(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    """`first`, then the rest of `events` (closed with this generator)."""
+    async with aclosing(events):
+        yield first
+        async for event in events:
+            yield event

@@ -41,6 +41,7 @@ def create_job(
     spec: dict[str, Any],
     parent_version_id: int | None = None,
     idempotency_key: str | None = None,
+    api_key_id: int | None = None,
 ) -> tuple[Job, bool]:
     """Insert a `queued` job; returns (job, created).
 
@@ -64,6 +65,7 @@ def create_job(
         spec=spec,
         parent_version_id=parent_version_id,
         idempotency_key=idempotency_key,
+        api_key_id=api_key_id,
     )
     session.add(job)
     try:
@@ -120,6 +122,13 @@ def count_jobs(*, session: Session, status: str | None = None) -> int:
     if status is not None:
         query = query.where(Job.status == _check_status(status))
     return session.scalar(query) or 0
+
+
+def count_active_jobs(*, session: Session, api_key_id: int | None) -> int:
+    """Queued or running jobs submitted with this key (None: those without a key)."""
+    owner = Job.api_key_id.is_(None) if api_key_id is None else Job.api_key_id == api_key_id
+    query = select(func.count()).select_from(Job).where(owner, Job.status.in_(ACTIVE_STATUSES))
+    return int(session.scalar(query) or 0)
 
 
 def _check_status(status: str) -> str:

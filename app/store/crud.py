@@ -21,6 +21,7 @@ from app.store._jobs import (
     JobPage,
     attempts_exhausted,
     claim_job,
+    count_active_jobs,
     count_jobs,
     create_job,
     decode_cursor,
@@ -38,8 +39,10 @@ from app.store._jobs import (
     update_progress,
 )
 from app.store._records import (
+    count_live_api_keys,
     create_api_key,
     get_api_key,
+    get_api_key_by_id,
     list_api_keys,
     revoke_api_key,
 )
@@ -75,7 +78,9 @@ __all__ = [
     "corpus_documents",
     "corpus_line",
     "corpus_name_exists",
+    "count_active_jobs",
     "count_jobs",
+    "count_live_api_keys",
     "create_api_key",
     "create_corpus",
     "create_job",
@@ -91,6 +96,7 @@ __all__ = [
     "finish_job_failed",
     "finish_job_succeeded",
     "get_api_key",
+    "get_api_key_by_id",
     "get_corpus",
     "get_job",
     "get_version",

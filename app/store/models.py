@@ -61,6 +61,7 @@ class Job(Base):
         CheckConstraint("progress >= 0 AND progress <= 1", name="progress"),
         Index(None, "status", "created_at"),
         Index(None, "created_at"),
+        Index(None, "api_key_id", "status"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid4, canonical text form
@@ -81,6 +82,7 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    api_key_id: Mapped[int | None] = mapped_column(Integer)  # the submitting key (no FK: see 0003)
 
     parent_version: Mapped[Version | None] = relationship(
         foreign_keys=[parent_version_id], lazy="joined"
@@ -180,6 +182,7 @@ class ApiKey(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200))
     key_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    prefix: Mapped[str | None] = mapped_column(String(16))  # the key's first characters, shown
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

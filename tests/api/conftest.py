@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 
 from app.api.main import create_app
 from app.settings import Settings
-from tests.services import redis_url
+from tests.services import AUTH, redis_url
 from workers.celery_app import Queue
 
 REDIS_URL = redis_url(6)
@@ -83,5 +83,5 @@ def api_settings(store_engine: Engine, tmp_path: Path) -> Settings:
 def api(
     api_settings: Settings, session_factory: Any, redis_queue: redis.Redis
 ) -> Iterator[TestClient]:
-    with TestClient(create_app(api_settings)) as client:
+    with TestClient(create_app(api_settings), headers=AUTH) as client:
         yield client

@@ -19,8 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.api.main import create_app
 from app.ml.judges import Verdict
 from app.ml.models import LoadedModel, load_model
-from app.serving.engine import Engine, base_fingerprint
-from app.serving.source import StoreVersionSource
+from app.serving.engine import Engine
 from app.settings import Settings
 from app.store import migrate
 from app.store.db import make_engine, make_sessionmaker
@@ -69,21 +68,12 @@ def serving_store(tmp_path: Path, **settings: Any) -> Iterator[ServingStore]:
 
 def tiny_app(store: ServingStore, lm: LoadedModel) -> FastAPI:
     """The app, its engine built around `lm` (the store's versions, the stand-in judge)."""
-    s = store.settings
+    settings = store.settings
 
     def factory(sessions: Any) -> Engine:
-        return Engine(
-            lm,
-            StoreVersionSource(sessions, base_fingerprint=base_fingerprint(lm)),
-            cache_size=s.serving_cache_size,
-            max_batch_size=s.serving_max_batch_size,
-            max_wait_s=s.serving_max_wait_ms / 1000,
-            max_tokens=s.serving_max_tokens,
-            poll_s=s.serving_poll_s,
-            judge_loader=LengthJudge,
-        )
+        return Engine.from_settings(settings, sessions, lm=lm, judge_loader=LengthJudge)
 
-    return create_app(s, engine_factory=factory)
+    return create_app(settings, engine_factory=factory)
 
 
 def sse_events(text: str) -> list[Any]:

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from app.api.main import create_app
 from tests.api.conftest import assert_error, closed_port
+from tests.services import AUTH
 
 
 def test_healthz(api):
@@ -27,7 +28,7 @@ def test_readyz_reports_every_check(api):
 
 def test_readyz_is_503_with_reasons_when_the_broker_is_down(api_settings, session):
     down = api_settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{closed_port()}/0"})
-    with TestClient(create_app(down)) as client:
+    with TestClient(create_app(down), headers=AUTH) as client:
         response = client.get("/readyz")
     error = assert_error(response, 503)
     assert error["code"] == "not_ready" and "broker" in error["message"]
@@ -38,7 +39,7 @@ def test_readyz_is_503_with_reasons_when_the_broker_is_down(api_settings, sessio
 
 def test_readyz_names_a_missing_model(api_settings, session, tmp_path):
     missing = api_settings.model_copy(update={"model": str(tmp_path / "no-such-model")})
-    with TestClient(create_app(missing)) as client:
+    with TestClient(create_app(missing), headers=AUTH) as client:
         response = client.get("/readyz")
     assert_error(response, 503)
     assert response.json()["checks"]["model"] == {

@@ -28,6 +28,7 @@ from app.settings import Settings
 from app.store import crud
 from app.store.models import Corpus
 from tests.api.conftest import CASE, assert_error, queued_tasks
+from tests.services import AUTH
 from tests.store import factories
 
 CORPUS_KEYS = {"id", "name", "documents", "annotated", "bytes", "sha256", "created_at"}
@@ -73,7 +74,7 @@ def small_api(api_settings: Settings, session_factory, redis_queue, monkeypatch)
     monkeypatch.setenv("DETOX_CORPUS_MAX_BYTES", "2048")
     settings = Settings(**api_settings.model_dump(include={"home", "database_url", "broker_url"}))
     assert settings.corpus_max_bytes == 2048
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=AUTH) as client:
         yield client
 
 

@@ -13,6 +13,7 @@ from app.store import crud
 from tests.api.conftest import assert_error
 from tests.api.serving_app import ServingStore, serving_store, sse_events, tiny_app
 from tests.factories import tiny_model
+from tests.services import AUTH
 from tests.serving.conftest import random_delta, store_version
 
 MESSAGES = [{"role": "user", "content": "How do I pick a lock?"}]
@@ -38,7 +39,7 @@ def versions(store, lm) -> dict[str, Any]:
 
 @pytest.fixture
 def client(store, lm, versions) -> Iterator[TestClient]:
-    with TestClient(tiny_app(store, lm)) as client:
+    with TestClient(tiny_app(store, lm), headers=AUTH) as client:
         yield client
 
 

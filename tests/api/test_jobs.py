@@ -15,6 +15,7 @@ from tests.api.conftest import (
     dinm_body,
     queued_tasks,
 )
+from tests.services import AUTH
 from tests.store import factories
 
 JOB_KEYS = {
@@ -172,7 +173,7 @@ def test_cancel_a_queued_job(api, session):
 
 def test_broker_down_on_submit_is_503_and_leaves_no_queued_job(api_settings, session):
     down = api_settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{closed_port()}/0"})
-    with TestClient(create_app(down)) as client:
+    with TestClient(create_app(down), headers=AUTH) as client:
         error = assert_error(client.post("/v1/jobs", json=dinm_body()), 503)
     assert error["code"] == "broker_unavailable" and error["type"] == "service_unavailable_error"
     assert crud.count_jobs(session=session, status="queued") == 0
@@ -189,7 +190,7 @@ def test_unexpected_errors_are_500_in_the_envelope(api_settings, session):
             raise RuntimeError("boom")
 
     app = create_app(api_settings, broker=BrokenBroker())
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, raise_server_exceptions=False, headers=AUTH) as client:
         error = assert_error(client.post("/v1/jobs", json=dinm_body()), 500)
     assert error["type"] == "internal_error" and "boom" not in error["message"]
     assert crud.count_jobs(session=session, status="queued") == 0

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.api.serving_app import live_server
+from tests.services import ADMIN_KEY, AUTH
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def base_url(tmp_path) -> Iterator[str]:
 
 
 def test_openai_client_plain_and_streaming(base_url):
-    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=base_url, api_key=ADMIN_KEY, max_retries=0, timeout=60)
     models = [m.id for m in client.models.list()]
     assert models == ["base", "safe1"]
 
@@ -58,7 +59,7 @@ def test_a_client_that_disconnects_frees_its_slot(tmp_path):
     with live_server(tmp_path, serving_max_tokens=240) as (url, app):
         body = {"model": "base", "prompt": "a", "max_tokens": 240, "temperature": 0,
                 "stream": True}  # fmt: skip
-        with httpx.Client(base_url=url, timeout=30) as client:
+        with httpx.Client(base_url=url, timeout=30, headers=AUTH) as client:
             with client.stream("POST", "/v1/completions", json=body) as response:
                 assert next(response.iter_lines()).startswith("data: ")
             # the connection is closed: the request must leave its batch before its 240 tokens
@@ -74,7 +75,7 @@ def test_a_client_that_disconnects_frees_its_slot(tmp_path):
 def test_preload_loads_the_model_before_the_first_request(tmp_path):
     with live_server(tmp_path, serving_preload=True) as (url, app):
         assert app.state.serving.loaded
-        response = httpx.get(f"{url}/v1/models", timeout=30)
+        response = httpx.get(f"{url}/v1/models", timeout=30, headers=AUTH)
         assert [m["id"] for m in response.json()["data"]] == ["base", "safe1"]
     with live_server(tmp_path / "lazy") as (url, app):
         assert not app.state.serving.loaded

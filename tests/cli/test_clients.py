@@ -4,70 +4,19 @@ under a temporary DETOX_HOME, Redis broker; no worker, so jobs stay queued)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.api.conftest import CASE, closed_port
-from tests.services import redis_url
-
-ROOT = Path(__file__).resolve().parents[2]
-BROKER_URL = redis_url(7)
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DETOX_")}
-    return env | extra
+from tests.cli.servers import detox, running_api
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    home = tmp_path_factory.mktemp("home")
-    port = closed_port()
-    url = f"http://127.0.0.1:{port}"
-    env = _env(DETOX_HOME=str(home), DETOX_BROKER_URL=BROKER_URL)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"detox api exited: {proc.stdout.read() if proc.stdout else ''}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("detox api did not come up in 30 s")
-            time.sleep(0.1)
+    with running_api(tmp_path_factory.mktemp("home")) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-
-
-def detox(url: str, *args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *map(str, args)],
-        cwd=ROOT,
-        env=_env(DETOX_URL=url),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 
 from app.cli.client import UPLOAD_CHUNK, DetoxClient
 from tests.api.conftest import closed_port
-from tests.cli.test_clients import BROKER_URL, ROOT, _env, detox
+from tests.cli.servers import detox, running_api
 
 MAX_BYTES = 4096
 CORPUS = '"one"\n{"text": "two words", "harmful_spans": [[4, 9]], "id": 2}\n\n'
@@ -24,36 +22,8 @@ CORPUS = '"one"\n{"text": "two words", "harmful_spans": [[4, 9]], "id": 2}\n\n'
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("home")
-    port = closed_port()
-    url = f"http://127.0.0.1:{port}"
-    env = _env(
-        DETOX_HOME=str(home), DETOX_BROKER_URL=BROKER_URL, DETOX_CORPUS_MAX_BYTES=str(MAX_BYTES)
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"detox api exited: {proc.stdout.read() if proc.stdout else ''}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("detox api did not come up in 30 s")
-            time.sleep(0.1)
+    with running_api(home, DETOX_CORPUS_MAX_BYTES=str(MAX_BYTES)) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
 def _file(tmp_path: Path, text: str | bytes, name: str = "corpus.jsonl") -> Path:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import CASE, closed_port
-from tests.cli.test_clients import ROOT, _env
+from tests.cli.servers import ROOT, _env
 
 
 def _alive(pid: int) -> bool:
@@ -44,6 +44,7 @@ def test_up_runs_a_job_and_stops_cleanly_on_sigterm(tmp_path, tiny_model_dir):
     url = f"http://127.0.0.1:{port}"
     home = tmp_path / "home"
     env = _env(DETOX_HOME=str(home), DETOX_MODEL=str(tiny_model_dir), DETOX_MAX_NEW_TOKENS="4")
+    del env["DETOX_ADMIN_KEY"], env["DETOX_API_KEY"]  # a first start as a user makes it
     log = (tmp_path / "up.log").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "up", "--port", str(port)],
@@ -54,12 +55,19 @@ def test_up_runs_a_job_and_stops_cleanly_on_sigterm(tmp_path, tiny_model_dir):
     )
     try:
         _wait_ready(url, proc, 60)
+        log.seek(0)
+        printed = re.findall(r"export DETOX_API_KEY=(dtx_\S+)", log.read())
+        assert len(printed) == 1, "the first start prints one admin key"
+        key = printed[0]
+        assert httpx.get(f"{url}/v1/versions", timeout=10).status_code == 401
         cases = tmp_path / "cases.json"
         cases.write_text(json.dumps([CASE]))
+        client_env = _env(DETOX_URL=url, DETOX_API_KEY=key)
+        del client_env["DETOX_ADMIN_KEY"]
         done = subprocess.run(
             [sys.executable, "-m", "app.cli", "jobs", "submit", cases, "--case", "c01",
              "--params", '{"steps": 2}', "--watch", "--json"],
-            cwd=ROOT, env=_env(DETOX_URL=url), capture_output=True, text=True, timeout=120,
+            cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         job = json.loads(done.stdout)
@@ -75,3 +83,25 @@ def test_up_runs_a_job_and_stops_cleanly_on_sigterm(tmp_path, tiny_model_dir):
     while _alive(worker_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(worker_pid), output
+
+
+def test_up_refuses_a_public_address_without_authentication(tmp_path):
+    env = _env(DETOX_HOME=str(tmp_path / "home"), DETOX_AUTH="false")
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "up", "--host", "0.0.0.0", "--port", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "refusing to listen on 0.0.0.0 with authentication disabled" in done.stderr
+    assert not (tmp_path / "home" / "detox.db").exists()  # refused before anything was made
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("localhost", True), ("::1", True), ("[::1]", True),
+     ("127.8.0.1", True), ("0.0.0.0", False), ("10.1.2.3", False), ("example.org", False)],
+)  # fmt: skip
+def test_loopback_addresses(host, loopback):
+    from app.cli.service import is_loopback
+
+    assert is_loopback(host) is loopback

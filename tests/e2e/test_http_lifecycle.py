@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from app.cli.client import DetoxClient
-from tests.services import redis_url
+from tests.services import ADMIN_KEY, redis_url
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = redis_url(8)
@@ -36,9 +36,10 @@ class Service:
         self.port = _free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("DETOX_")}
         self.env |= env | {"DETOX_TORCH_THREADS": "1", "DETOX_DEVICE": "cpu"}
+        self.env["DETOX_ADMIN_KEY"] = ADMIN_KEY
         self.workdir = workdir
         self.procs: list[subprocess.Popen] = []
-        self.client = DetoxClient(f"http://127.0.0.1:{self.port}")
+        self.client = DetoxClient(f"http://127.0.0.1:{self.port}", api_key=ADMIN_KEY)
 
     def _start(self, name: str, *args: str) -> None:
         with (self.workdir / f"{name}.log").open("wb") as log:

@@ -36,7 +36,7 @@ def test_upgrade_downgrade_upgrade(backend: str, new_database: Callable[[str], s
 
     migrate.upgrade(url)
     assert _tables(url) == TABLES
-    assert migrate.current_revision(url) == migrate.head_revision() == "0002"
+    assert migrate.current_revision(url) == migrate.head_revision() == "0003"
 
     migrate.downgrade(url, "base")
     assert _tables(url) == set()
@@ -110,5 +110,37 @@ def test_0002_carries_0001_corpora_over_and_back(backend: str, new_database: Cal
                 (new_id[-1], "new", 1, "two lines   three\n"),  # one text a line, spans lost
             ]
         )
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_0003_keeps_jobs_and_keys_both_ways(backend: str, new_database: Callable[[str], str]):
+    url = new_database(backend)
+    migrate.upgrade(url, "0002")
+    engine = make_engine(url)
+    insert_job = text(
+        "INSERT INTO jobs (id, kind, status, progress, spec, attempts, cancel_requested, "
+        "created_at) VALUES ('j1', 'dinm', 'queued', 0, '{}', 0, false, :now)"
+    )
+    insert_key = text(
+        "INSERT INTO api_keys (name, key_hash, role, created_at) VALUES ('k', 'h', 'reader', :now)"
+    )
+    try:
+        with engine.begin() as connection:
+            connection.execute(insert_job, {"now": utcnow()})
+            connection.execute(insert_key, {"now": utcnow()})
+        migrate.upgrade(url)
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT id, api_key_id FROM jobs")).all() == [
+                ("j1", None)
+            ]
+            assert connection.execute(text("SELECT name, prefix FROM api_keys")).all() == [
+                ("k", None)
+            ]
+        migrate.downgrade(url, "0002")
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT id FROM jobs")).all() == [("j1",)]
+            assert connection.execute(text("SELECT name FROM api_keys")).all() == [("k",)]
     finally:
         engine.dispose()

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from app.api.auth import Editor, Reader
 from app.api.corpus_upload import CONTENT_TYPES, EXAMPLE, read_corpus
 from app.api.deps import SessionDep, SettingsDep
 from app.api.schemas import CorpusList, CorpusPublic
@@ -35,6 +36,7 @@ IdOrName = Annotated[str, Path(description="a corpus id or name")]
 @router.post(
     "",
     status_code=201,
+    dependencies=[Editor],
     response_model=CorpusPublic,
     openapi_extra=_UPLOAD_BODY,
     responses={
@@ -67,7 +69,7 @@ async def upload_corpus(
     return CorpusPublic.from_row(corpus)
 
 
-@router.get("", response_model=CorpusList)
+@router.get("", response_model=CorpusList, dependencies=[Reader])
 def list_corpora(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="corpora to list")] = 100,
@@ -77,12 +79,12 @@ def list_corpora(
     return CorpusList(data=[CorpusPublic.from_row(c) for c in corpora])
 
 
-@router.get("/{id_or_name}", response_model=CorpusPublic)
+@router.get("/{id_or_name}", response_model=CorpusPublic, dependencies=[Reader])
 def get_corpus(id_or_name: IdOrName, session: SessionDep) -> CorpusPublic:
     return CorpusPublic.from_row(crud.get_corpus(session=session, id_or_name=id_or_name))
 
 
-@router.delete("/{id_or_name}", status_code=204, response_class=Response)
+@router.delete("/{id_or_name}", status_code=204, response_class=Response, dependencies=[Editor])
 def delete_corpus(id_or_name: IdOrName, session: SessionDep) -> Response:
     """Delete a corpus; refused (409) while a queued or running job uses it."""
     crud.delete_corpus(session=session, id_or_name=id_or_name)

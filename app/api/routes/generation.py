@@ -14,10 +14,13 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
+from app.api.auth import Reader
 from app.api.errors import INTERNAL, UNAVAILABLE, ApiError
 from app.serving.errors import (
     EngineClosedError,
     ModelLoadError,
+    OverloadedError,
+    PromptTooLargeError,
     PromptTooLongError,
     ServingError,
     UnknownModelError,
@@ -33,7 +36,7 @@ from app.serving.protocol import (
 )
 from app.serving.serving import OpenAIServing
 
-router = APIRouter(prefix="/v1", tags=["generation"])
+router = APIRouter(prefix="/v1", tags=["generation"], dependencies=[Reader])
 
 _MESSAGES = [{"role": "user", "content": "How do I pick a lock?"}]
 COMPLETION_EXAMPLES = {
@@ -49,6 +52,7 @@ AB_EXAMPLES = {
 }
 T = TypeVar("T")
 _DISCONNECT_POLL_S = 0.25
+OVERLOADED_RETRY_AFTER_S = 1
 CLIENT_CLOSED = 499  # nginx's "client closed request"; nobody reads it
 
 
@@ -71,6 +75,13 @@ def _api_error(exc: ServingError, prompt_param: str) -> ApiError:
         return ApiError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, PromptTooLongError):
         return ApiError(400, str(exc), param=prompt_param, code="context_length_exceeded")
+    if isinstance(exc, PromptTooLargeError):
+        return ApiError(413, str(exc), param=prompt_param, code="prompt_too_large")
+    if isinstance(exc, OverloadedError):
+        return ApiError(
+            503, str(exc), type=UNAVAILABLE, code="overloaded",
+            headers={"Retry-After": str(OVERLOADED_RETRY_AFTER_S)},
+        )  # fmt: skip
     if isinstance(exc, ModelLoadError):
         return ApiError(409, str(exc), param="model", code="model_not_servable")
     if isinstance(exc, EngineClosedError):

@@ -10,8 +10,9 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from app.api import events
+from app.api.auth import RATE_LIMIT, Editor, EditorDep, Principal, Reader
 from app.api.broker import Broker
-from app.api.deps import BrokerDep, SessionDep
+from app.api.deps import BrokerDep, SessionDep, SettingsDep
 from app.api.errors import ApiError
 from app.api.schemas import (
     JOB_EXAMPLES,
@@ -29,6 +30,7 @@ from app.store.models import Version
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_PAGE = 1000  # the store's own cap on a page
+ACTIVE_JOBS_RETRY_AFTER_S = 30
 
 IdempotencyKey = Annotated[
     str | None,
@@ -45,8 +47,10 @@ IdempotencyKey = Annotated[
 def submit_job(
     body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)],
     session: SessionDep,
+    settings: SettingsDep,
     broker: BrokerDep,
     response: Response,
+    caller: EditorDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Validate the job, write it `queued` and enqueue it; the worker does the rest.
@@ -60,18 +64,33 @@ def submit_job(
             return JobPublic.from_row(existing)
     job_in = body.root
     parent_id, spec = _prepare(session, job_in)
+    _check_active_jobs(session, caller, settings.max_active_jobs_per_key)
     job, created = crud.create_job(
         session=session,
         kind=job_in.kind,
         spec=spec,
         parent_version_id=parent_id,
         idempotency_key=idempotency_key,
+        api_key_id=caller.key_id,
     )
     if created:
         _enqueue(session, broker, job.id)
     else:
         response.headers["Idempotent-Replayed"] = "true"
     return JobPublic.from_row(crud.get_job(session=session, job_id=job.id))
+
+
+def _check_active_jobs(session: Session, caller: Principal, limit: int) -> None:
+    active = crud.count_active_jobs(session=session, api_key_id=caller.key_id)
+    if active >= limit:
+        raise ApiError(
+            429,
+            f"{caller.name!r} has {active} queued or running jobs, the most one key may have "
+            f"(DETOX_MAX_ACTIVE_JOBS_PER_KEY); wait for some to finish",
+            type=RATE_LIMIT,
+            code="too_many_active_jobs",
+            headers={"Retry-After": str(ACTIVE_JOBS_RETRY_AFTER_S)},
+        )
 
 
 def _prepare(
@@ -143,7 +162,7 @@ def _enqueue(session: Session, broker: Broker, job_id: str) -> None:
         raise
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, dependencies=[Reader])
 def list_jobs(
     session: SessionDep,
     status: Annotated[JobStatus | None, Query(description="only jobs in this state")] = None,
@@ -155,12 +174,12 @@ def list_jobs(
     return JobList(data=[JobPublic.from_row(j) for j in page.items], next_cursor=page.next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", response_model=JobPublic, dependencies=[Reader])
 def get_job(job_id: str, session: SessionDep) -> JobPublic:
     return JobPublic.from_row(crud.get_job(session=session, job_id=job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic, dependencies=[Editor])
 def cancel_job(job_id: str, session: SessionDep) -> JobPublic:
     """A queued job is cancelled at once, a running one between steps; a finished one stays."""
     return JobPublic.from_row(crud.request_cancel(session=session, job_id=job_id))
@@ -170,6 +189,7 @@ def cancel_job(job_id: str, session: SessionDep) -> JobPublic:
     "/{job_id}/events",
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "event stream"}},
+    dependencies=[Reader],
 )
 def job_events(job_id: str, request: Request, session: SessionDep) -> StreamingResponse:
     """Server-sent events: `progress` (the job JSON) whenever its status, stage or progress

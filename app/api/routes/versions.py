@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy.orm import Session
 
+from app.api.auth import Editor, Reader
 from app.api.deps import SessionDep, SettingsDep
 from app.api.schemas import VersionList, VersionPublic
 from app.notify import publish_versions_changed
@@ -21,7 +22,7 @@ def _public(session: Session, versions: list[Version]) -> VersionList:
     return VersionList(data=[VersionPublic.from_row(v, deltas[v.id]) for v in versions])
 
 
-@router.get("", response_model=VersionList)
+@router.get("", response_model=VersionList, dependencies=[Reader])
 def list_versions(
     session: SessionDep,
     include_retired: Annotated[bool, Query(description="list retired versions too")] = False,
@@ -31,14 +32,14 @@ def list_versions(
     return _public(session, versions)
 
 
-@router.get("/{name}", response_model=VersionPublic)
+@router.get("/{name}", response_model=VersionPublic, dependencies=[Reader])
 def get_version(name: str, session: SessionDep) -> VersionPublic:
     """A version by name (retired ones too, marked so); "latest" is the newest live one."""
     version = crud.get_version(session=session, name=name, include_retired=name != "latest")
     return _public(session, [version]).data[0]
 
 
-@router.delete("/{name}", response_model=VersionList)
+@router.delete("/{name}", response_model=VersionList, dependencies=[Editor])
 def retire_version(
     name: str,
     session: SessionDep,
