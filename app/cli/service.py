@@ -1,4 +1,5 @@
-"""The service processes: `detox api`, `detox worker` and `detox up` (API + one worker)."""
+"""The service processes: `detox api`, `detox worker`, `detox up` (API + one worker) and the
+one-shot `detox migrate`."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def register(app: typer.Typer) -> None:
     app.command()(api)
     app.command()(worker)
     app.command()(up)
+    app.command()(migrate)
 
 
 def api(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
@@ -53,6 +55,17 @@ def worker() -> None:
     code = run_worker(get_settings())
     if code:
         raise typer.Exit(code)
+
+
+def migrate() -> None:
+    """Migrate the database (DETOX_DATABASE_URL) to the latest revision, then exit: the one-shot
+    step before the API and the workers start (containers, deploys)."""
+    from app.store.migrate import current_revision
+
+    settings = get_settings()
+    _migrate(settings)
+    revision = current_revision(settings.resolved_database_url())
+    console.print(f"database at revision {revision}", highlight=False)
 
 
 def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
