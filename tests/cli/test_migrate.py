@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from app.store.migrate import current_revision, head_revision
-from tests.cli.test_clients import ROOT, _env
+from tests.cli.servers import ROOT, _env
 
 
 def _migrate(**env: str) -> subprocess.CompletedProcess[str]:

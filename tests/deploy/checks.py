@@ -38,9 +38,6 @@ Compose = dict[str, Any]
 Dockerfile = list[Instruction]
 
 PREFIX = Settings.model_config["env_prefix"]  # "DETOX_"
-# Added by the auth work (DETOX_AUTH, DETOX_ADMIN_KEY), written alongside these files: allowed
-# here until app/settings.py has them as fields, harmless afterwards.
-AUTH_WORK_FIELDS = {"auth", "admin_key"}
 REQUIRED_SERVICES = {"postgres", "redis", "migrate", "api", "worker"}
 APP_SERVICES = {"migrate": "migrate", "api": "api", "worker": "worker"}  # service: detox command
 PG_DATA = "/var/lib/postgresql/data"
@@ -49,8 +46,8 @@ CLI_COMMANDS = set(typer.main.get_command(cli_app).commands)  # type: ignore[att
 
 def unknown_settings(keys: Iterable[str]) -> set[str]:
     """The DETOX_* names among `keys` that are no Settings field (case-insensitive, as pydantic-
-    settings reads them) and not added by the auth work."""
-    fields = set(Settings.model_fields) | AUTH_WORK_FIELDS
+    settings reads them)."""
+    fields = set(Settings.model_fields)
     return {
         key
         for key in keys
