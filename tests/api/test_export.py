@@ -234,6 +234,9 @@ def test_names_formats_bounds_and_what_cannot_be_exported(client, store):
     error = assert_error(client.get("/v1/versions/norm/export?format=peft"), 422, param="format")
     assert "model.norm.weight" in error["message"] and "merged" in error["message"]
     assert export(client, "norm", "merged").status_code == 200  # merged holds any parameter
+    with store.sessions() as session:
+        crud.retire_version(session=session, name="full")
+    assert Delta.from_bytes(export(client, "full", "delta").content).params  # retired: still
     assert list((store.settings.home / "exports").iterdir()) == []  # every folder cleaned up
 
 
