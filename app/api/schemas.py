@@ -33,6 +33,7 @@ from app.store.models import ApiKey, Corpus, Job, Version
 JobKind = Literal["dinm", "unlearn", "eval"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Suite = Literal["safeedit", "bias", "perplexity"]
+ExportFormat = Literal["peft", "merged", "delta"]
 SUITES: tuple[str, ...] = ("safeedit", "bias", "perplexity")
 # The bias types of the packaged CrowS-Pairs file (app/ml/data; app.ml.bias needs torch).
 BiasType = Literal[

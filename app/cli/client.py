@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote
 
 import httpx
@@ -20,6 +20,7 @@ TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 STREAM_TIMEOUT = httpx.Timeout(60.0, connect=5.0)  # the server sends a keepalive every 15 s
 UPLOAD_TIMEOUT = httpx.Timeout(300.0, connect=5.0)  # a corpus is validated as it is sent
 UPLOAD_CHUNK = 256 * 1024
+EXPORT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)  # the server builds an export before sending
 
 
 class ClientError(Exception):
@@ -117,6 +118,32 @@ class DetoxClient:
     def retire_version(self, name: str, *, cascade: bool = False) -> Any:
         params = {"cascade": "true"} if cascade else {}
         return self._request("DELETE", f"/v1/versions/{name}", params=params)
+
+    def export_version(
+        self,
+        name: str,
+        *,
+        fmt: str,
+        dest: IO[bytes],
+        max_rel_error: float | None = None,
+        max_rank: int | None = None,
+    ) -> dict[str, str]:
+        """Stream the version's export into `dest` (a tar for peft and merged, the safetensors
+        delta for delta); returns the response's headers."""
+        params = {"format": fmt, "max_rel_error": max_rel_error, "max_rank": max_rank}
+        try:
+            with self._http.stream(
+                "GET", f"/v1/versions/{name}/export", timeout=EXPORT_TIMEOUT,
+                params={k: v for k, v in params.items() if v is not None},
+            ) as response:  # fmt: skip
+                if response.is_error:
+                    response.read()
+                    raise _api_error(response)
+                for chunk in response.iter_bytes():
+                    dest.write(chunk)
+                return dict(response.headers)
+        except httpx.TransportError as exc:
+            raise Unreachable(f"{self.base_url}: {exc or type(exc).__name__}") from exc
 
     # corpora
     def upload_corpus(self, path: Path, *, name: str | None = None) -> Any:

@@ -205,9 +205,8 @@ def apply_deltas(
     model: nn.Module, deltas: list[Delta], *, check_fingerprint: bool = True
 ) -> AppliedDeltas:
     """Merge a chain of deltas (base first) into `model`; every fingerprint is checked first."""
+    check_deltas(model, deltas, check_fingerprint=check_fingerprint)
     params = dict(model.named_parameters())
-    for delta in deltas:
-        _check_compatible(model, params, delta, check_fingerprint)
     total = sum(deltas[1:], deltas[0]) if deltas else Delta({})
     originals: dict[str, torch.Tensor] = {}
     try:
@@ -232,6 +231,16 @@ def applied(model: nn.Module, deltas: list[Delta], **kwargs: bool) -> Iterator[A
         yield handle
     finally:
         handle.revert()
+
+
+def check_deltas(
+    model: nn.Module, deltas: Iterable[Delta], *, check_fingerprint: bool = True
+) -> None:
+    """Refuse (DeltaError) deltas that do not fit `model`: a parameter it lacks, another shape, or
+    (FingerprintMismatchError) a base fingerprint that is not that of the model's values."""
+    params = dict(model.named_parameters())
+    for delta in deltas:
+        _check_compatible(model, params, delta, check_fingerprint)
 
 
 def _check_compatible(

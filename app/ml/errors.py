@@ -35,3 +35,15 @@ class EditCancelled(DetoxError):
 
 class ModelUnavailableError(DetoxError):
     """A model could not be fetched or converted (e.g. the package registry is unreachable)."""
+
+
+class ExportError(InputError):
+    """A version cannot be exported in the asked format (the message says why)."""
+
+
+class NotExpressibleError(ExportError):
+    """The delta changes something the format cannot hold (e.g. a bias, as a LoRA adapter)."""
+
+
+class RankBoundError(ExportError):
+    """No LoRA rank within `max_rank` meets the relative error bound for some module."""

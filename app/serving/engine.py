@@ -307,6 +307,11 @@ class Engine:
             self.lm, self._hooks, batch, stop_ids=self._stop_ids, pad_id=self._pad_id
         )
 
+    def compute(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the compute thread, between batches, and return its result (blocks): for
+        torch work beside decoding, such as building an export."""
+        return self._batcher.call(fn)
+
     @property
     def batch_sizes(self) -> list[int]:
         return self._batcher.batch_sizes

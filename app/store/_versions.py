@@ -406,6 +406,33 @@ def load_delta_blobs(
     return blobs
 
 
+class ChainBlobs(TypedDict):
+    """One version of a chain: its name, its delta's summary sha256, its blobs by param."""
+
+    name: str
+    sha256: str
+    blobs: list[tuple[str, bytes]]
+
+
+def load_chain_blobs(
+    *, session: Session, version_id: int, base_fingerprint: str | None = None
+) -> list[ChainBlobs]:
+    """The blobs of the version's whole chain, root first (`version_chain` order), each version's
+    checked as `load_delta_blobs` checks them; `sha256` is the version's `delta_summary` one."""
+    chain = version_chain(session=session, version_id=version_id)
+    summaries = delta_summaries(session=session, version_ids=[v.id for v in chain])
+    return [
+        {
+            "name": version.name,
+            "sha256": summaries[version.id]["sha256"],
+            "blobs": load_delta_blobs(
+                session=session, version_id=version.id, base_fingerprint=base_fingerprint
+            ),
+        }
+        for version in chain
+    ]
+
+
 def delta_summaries(*, session: Session, version_ids: Iterable[int]) -> dict[int, DeltaSummary]:
     """`delta_summary` for many versions in one query (blobs are not read)."""
     ids = list(version_ids)

@@ -48,6 +48,7 @@ from app.store._records import (
 )
 from app.store._versions import (
     RESERVED_NAMES,
+    ChainBlobs,
     DeltaIn,
     DeltaSummary,
     check_version_name,
@@ -59,6 +60,7 @@ from app.store._versions import (
     get_version_by_id,
     list_versions,
     live_children,
+    load_chain_blobs,
     load_delta_blobs,
     merge_version_metrics,
     retire_version,
@@ -68,6 +70,7 @@ from app.store._versions import (
 
 __all__ = [
     "RESERVED_NAMES",
+    "ChainBlobs",
     "DeltaIn",
     "DeltaSummary",
     "JobPage",
@@ -108,6 +111,7 @@ __all__ = [
     "list_jobs",
     "list_versions",
     "live_children",
+    "load_chain_blobs",
     "load_delta_blobs",
     "merge_version_metrics",
     "release_job",

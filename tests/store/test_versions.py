@@ -225,3 +225,17 @@ def test_version_chain_is_root_first(session: Session):
     assert [v.name for v in crud.version_chain(session=session, version_id=v1.id)] == ["v1"]
     with pytest.raises(NotFound):
         crud.version_chain(session=session, version_id=10_000)
+
+
+def test_chain_blobs_are_root_first_with_each_versions_checksum(session: Session):
+    v1 = version(session, name="a", deltas=[delta("x.weight", b"one")])
+    v2 = version(session, name="b", parent=v1, deltas=[delta("y.weight", b"two")])
+    links = crud.load_chain_blobs(session=session, version_id=v2.id)
+    assert [(link["name"], link["blobs"]) for link in links] == [
+        ("a", [("x.weight", b"one")]),
+        ("b", [("y.weight", b"two")]),
+    ]
+    for link, made in zip(links, (v1, v2), strict=True):
+        assert link["sha256"] == crud.delta_summary(session=session, version_id=made.id)["sha256"]
+    with pytest.raises(BaseFingerprintMismatch):
+        crud.load_chain_blobs(session=session, version_id=v2.id, base_fingerprint="0" * 64)
