@@ -33,6 +33,7 @@ from app.store.models import Version
 from tests.api.conftest import assert_error
 from tests.api.serving_app import ServingStore, tiny_app
 from tests.factories import tiny_model
+from tests.services import AUTH
 from tests.store.factories import running_job
 
 MAX_TOKENS = 12
@@ -112,7 +113,7 @@ def client(store: ServingStore, lm: LoadedModel) -> Iterator[TestClient]:
     store_version(store, lm, {name: DenseUpdate(torch.randn(shape, generator=gen))}, name="full")
     norm = "model.norm.weight"
     store_version(store, lm, {norm: DenseUpdate(torch.full((32,), 0.5))}, name="norm")
-    with TestClient(tiny_app(store, lm)) as client:
+    with TestClient(tiny_app(store, lm), headers=AUTH) as client:
         yield client
 
 

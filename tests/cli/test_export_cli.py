@@ -16,6 +16,7 @@ from app.cli.main import app
 from app.ml.deltas import Delta, apply_deltas
 from app.settings import get_settings
 from tests.api.serving_app import live_server
+from tests.services import AUTH
 
 PROMPT = "Hello there"
 
@@ -43,7 +44,7 @@ def greedy_text(model: torch.nn.Module, tokenizer, max_tokens: int = 12) -> str:
 
 def served_text(url: str, model: str) -> str:
     body = {"model": model, "prompt": PROMPT, "temperature": 0, "max_tokens": 12}
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60, headers=AUTH)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["text"]
 

@@ -83,7 +83,9 @@ def retire_version(
     return _public(session, retired)
 
 
-@router.get("/{name}/export", response_class=Response, responses=_EXPORT_RESPONSES)
+@router.get(
+    "/{name}/export", response_class=Response, responses=_EXPORT_RESPONSES, dependencies=[Reader]
+)
 def export_version(
     name: str,
     request: Request,
