@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from app.api.broker import Broker, CeleryBroker, broker_error
 from app.api.errors import install_error_handlers
-from app.api.routes import corpora, generation, health, jobs, versions
+from app.api.routes import corpora, generation, health, jobs, ui, versions
 from app.serving.provider import ServingProvider
 from app.settings import Settings, get_settings
 from app.store.db import make_engine, make_sessionmaker
@@ -68,4 +68,5 @@ def create_app(
     install_error_handlers(app, broker_error=broker_error())
     for router in (health.router, jobs.router, versions.router, corpora.router, generation.router):
         app.include_router(router)
+    app.include_router(ui.router)  # the web playground (/ui): loads without an API key
     return app
