@@ -9,11 +9,14 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
+
+from tests.ui.conftest import API_KEY, INSTANCE, TERMINAL, Service, screenshot, wait_for
+
+pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select
-
-from tests.ui.conftest import API_KEY, INSTANCE, TERMINAL, Service, screenshot, wait_for
 
 UNSAFE_SCORE = re.compile(r"^unsafe \d\.\d\d$")
 MARKUP_CASE = '<img src=x id="pwn" onerror="document.title=1"> case'
@@ -159,9 +162,9 @@ def test_jobs_page_submits_a_job_and_follows_its_progress_live(browser, service:
     events = _events(panel)
     assert events[-1][:2] == ("done", "succeeded"), events
     progress = [p for event, _status, p in events if event == "progress"]
-    assert len(set(progress)) >= 3, f"progress did not change live: {events}"
+    running = {p for event, status, p in events if event == "progress" and status == "running"}
+    assert len(running) >= 2, f"progress did not change live while running: {events}"
     assert progress == sorted(progress) and any(0 < p < 1 for p in progress), events
-    assert any(status == "running" for _, status, _ in events), events
     assert text(one(panel, "dd[data-field=version]")) == "live"
     assert text(one(panel, "dd[data-field=progress] .progress-value")) == "100%"
     assert text(one(panel, "dd[data-field=case]")) == MARKUP_CASE  # shown as text, not markup
