@@ -18,7 +18,7 @@ from app.api.body_limit import BodyLimit, is_corpus_upload
 from app.api.broker import Broker, CeleryBroker, broker_error
 from app.api.errors import install_error_handlers
 from app.api.ratelimit import make_limiter
-from app.api.routes import corpora, generation, health, jobs, keys, versions
+from app.api.routes import corpora, generation, health, jobs, keys, ui, versions
 from app.notify import is_redis
 from app.serving.provider import ServingProvider
 from app.settings import Settings, get_settings
@@ -82,4 +82,5 @@ def create_app(
     annotate_roles(routers)
     for router in routers:
         app.include_router(router)
+    app.include_router(ui.router)  # the web playground (/ui): loads without an API key
     return app
