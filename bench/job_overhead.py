@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.cli.client import DetoxClient  # noqa: E402
 
+BENCH_KEY = "dtx_" + secrets.token_urlsafe(32)  # this run's bootstrap admin key
 DETOX = [sys.executable, "-m", "app.cli"]
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -76,6 +78,7 @@ def measure(mode: str, env: dict, jobs: int) -> dict:
         **env,
         "DETOX_URL": f"http://127.0.0.1:{port}",
         "DETOX_MAX_NEW_TOKENS": "16",
+        "DETOX_ADMIN_KEY": BENCH_KEY,
     }
     api = subprocess.Popen(
         [*DETOX, "api", "--port", str(port)],
@@ -87,7 +90,7 @@ def measure(mode: str, env: dict, jobs: int) -> dict:
         [*DETOX, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        with DetoxClient(env["DETOX_URL"]) as client:
+        with DetoxClient(env["DETOX_URL"], api_key=BENCH_KEY) as client:
             _wait_ready(client)
             body = {
                 "kind": "dinm",

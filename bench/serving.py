@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -40,6 +41,11 @@ from app.store import crud, migrate  # noqa: E402
 from app.store.db import make_engine, make_sessionmaker  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper."
+BENCH_KEY = "dtx_" + secrets.token_urlsafe(32)  # this run's bootstrap admin key
+
+
+def bench_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {BENCH_KEY}"}
 
 
 def _free_port() -> int:
@@ -162,12 +168,14 @@ def main() -> None:
         "DETOX_SERVING_MAX_BATCH_SIZE": str(args.clients),
         "DETOX_SERVING_MAX_WAIT_MS": str(args.max_wait_ms),
         "DETOX_SERVING_MAX_TOKENS": str(args.tokens),
+        "DETOX_ADMIN_KEY": BENCH_KEY,
+        "DETOX_RATE_LIMIT_PER_MINUTE": "0",
     }
     port = _free_port()
     proc = _start_server(env, port)
     server = psutil.Process(proc.pid)
     rows: list[tuple[str, str, str]] = []
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600, headers=bench_headers())
     try:
         _stream(client, "base", 4)  # warm-up: builds the engine
         _raw_generate(lm, 4)

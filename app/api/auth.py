@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import threading
 import time
@@ -182,12 +183,13 @@ def _requirement(role: str) -> Callable[..., Principal]:
             )
         wait = request.app.state.rate_limiter.acquire(principal.limit_key)
         if wait > 0:
+            retry_after = max(1, math.ceil(wait))
             raise ApiError(
                 429,
-                f"rate limit exceeded for {principal.name!r}: retry in {wait:.1f} s",
+                f"rate limit exceeded for {principal.name!r}: retry in {retry_after} s",
                 type=RATE_LIMIT,
                 code="rate_limited",
-                headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+                headers={"Retry-After": str(retry_after)},
             )
         request.state.principal = principal
         return principal

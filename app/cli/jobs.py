@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from app.cli.client import DetoxClient, Unreachable
+from app.cli.client import ApiError, DetoxClient, Unreachable
 from app.cli.output import (
     console,
     fail_on_api_error,
@@ -26,7 +26,8 @@ app = typer.Typer(help="Edit jobs on a detox server (at DETOX_URL).", no_args_is
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print only JSON on stdout")]
 JobId = Annotated[str, typer.Argument(help="the job's id")]
-RECONNECTS = 5
+RECONNECT_S = 120.0  # how long `--watch` waits for a server that went away
+RETRYABLE_STATUSES = (502, 503, 504)
 
 
 def client() -> DetoxClient:
@@ -135,25 +136,28 @@ def follow(api: DetoxClient, job_id: str, *, quiet: bool) -> dict[str, Any]:
         disable=quiet,
     )
     task = bar.add_task("waiting", total=1.0)
-    failures = 0
+    gone_since: float | None = None  # when the server stopped answering
     with bar:
         while True:
             try:
                 for event, job in api.job_events(job_id):
-                    failures = 0
+                    gone_since = None
                     stage = job["stage"] or job["status"]
                     bar.update(task, description=stage, completed=job["progress"])
                     if event == "done":
                         return job
-            except Unreachable:
-                failures += 1
-                if failures > RECONNECTS:
-                    raise
-                time.sleep(1.0)
-            else:  # the stream ended without `done` (server restarting): look again
-                job = api.get_job(job_id)
+                job = api.get_job(job_id)  # the stream ended without `done`: look again
                 if job["status"] in ("succeeded", "failed", "cancelled"):
                     return job
+            except (Unreachable, ApiError) as exc:
+                if isinstance(exc, ApiError) and exc.status not in RETRYABLE_STATUSES:
+                    raise
+                # The server is restarting or briefly unavailable: the job goes on without us.
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > RECONNECT_S:
+                    raise
+                bar.update(task, description="reconnecting")
+                time.sleep(1.0)
 
 
 def _status(status: str) -> str:

@@ -17,6 +17,9 @@ from app.serving.sampling import SamplingParams
 
 MAX_STOPS = 4
 
+# Beyond any context window: larger is a mistake (422), smaller is capped by the server.
+MAX_TOKENS_FIELD = 1_000_000
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
@@ -30,7 +33,9 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(description='"base", a version name, or "latest"')
-    max_tokens: int | None = Field(None, ge=1, description="capped by the server and the context")
+    max_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS_FIELD, description="capped by the server and the context"
+    )
     temperature: float = Field(1.0, ge=0, le=2, description="0: greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, description="only 1 is supported")
@@ -113,7 +118,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -213,7 +218,7 @@ class AbRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     arms: list[str] = Field(min_length=1, max_length=16, description='e.g. ["base", "v3"]')
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
     temperature: float = Field(0.0, ge=0, le=2, description="0 (greedy) by default")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None

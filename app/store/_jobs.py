@@ -26,6 +26,7 @@ from app.store.errors import InvalidCursor, NotFound
 from app.store.models import JOB_KINDS, JOB_STATUSES, Job
 
 ACTIVE_STATUSES = ("queued", "running")
+UNSENT = "broker_unavailable"  # the error code of a job the broker never received
 MAX_PAGE = 1000
 
 
@@ -303,6 +304,20 @@ def finish_job_failed(
 def finish_job_cancelled(*, session: Session, job_id: str, attempt: int | None = None) -> bool:
     """queued/running -> `cancelled`; False if the job had already finished."""
     return _finish(session, job_id, attempt, status="cancelled", cancel_requested=True)
+
+
+def requeue_unsent_job(*, session: Session, job_id: str) -> bool:
+    """A job that failed because the broker could not take it (`broker_unavailable`, written by
+    the API at submission) goes back to `queued`, to be enqueued again; False otherwise."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.status != "failed" or (job.error or {}).get("code") != UNSENT:
+        session.rollback()
+        return False
+    return _conditional_update(
+        session,
+        [Job.id == job_id, Job.status == "failed", Job.finished_at == job.finished_at],
+        status="queued", error=None, finished_at=None, stage=None, progress=0.0,
+    )  # fmt: skip
 
 
 def requeue_stale_jobs(*, session: Session, older_than: timedelta, max_attempts: int) -> list[str]:

@@ -18,6 +18,7 @@ from app.store._corpora import (
     list_corpora,
 )
 from app.store._jobs import (
+    UNSENT,
     JobPage,
     attempts_exhausted,
     claim_job,
@@ -36,6 +37,7 @@ from app.store._jobs import (
     release_job,
     request_cancel,
     requeue_stale_jobs,
+    requeue_unsent_job,
     update_progress,
 )
 from app.store._records import (
@@ -70,6 +72,7 @@ from app.store._versions import (
 
 __all__ = [
     "RESERVED_NAMES",
+    "UNSENT",
     "ChainBlobs",
     "DeltaIn",
     "DeltaSummary",
@@ -117,6 +120,7 @@ __all__ = [
     "release_job",
     "request_cancel",
     "requeue_stale_jobs",
+    "requeue_unsent_job",
     "retire_version",
     "revoke_api_key",
     "update_progress",

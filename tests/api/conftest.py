@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
@@ -84,4 +85,35 @@ def api(
     api_settings: Settings, session_factory: Any, redis_queue: redis.Redis
 ) -> Iterator[TestClient]:
     with TestClient(create_app(api_settings), headers=AUTH) as client:
+        yield client
+
+
+@pytest.fixture
+def tiny_settings(store_engine: Engine, tmp_path: Path) -> Settings:
+    """The API on the real store and Redis, no rate limit (tests that want one set it)."""
+    url = store_engine.url.render_as_string(hide_password=False)
+    return Settings(
+        home=tmp_path / "home", database_url=url, broker_url=REDIS_URL, device="cpu",
+        rate_limit_per_minute=0,
+    )  # fmt: skip
+
+
+def make_tiny_app(settings: Settings) -> FastAPI:
+    """The app, generation served by a tiny random model (never the demo model)."""
+    from app.serving.engine import Engine as ServingEngine
+    from tests.api.serving_app import LengthJudge
+    from tests.factories import tiny_model
+
+    lm = tiny_model("llama")
+
+    def factory(sessions: Any) -> ServingEngine:
+        return ServingEngine.from_settings(settings, sessions, lm=lm, judge_loader=LengthJudge)
+
+    return create_app(settings, engine_factory=factory)
+
+
+@pytest.fixture
+def client(tiny_settings: Settings, session_factory: Any, redis_queue: Any) -> Iterator[TestClient]:
+    """A client of the tiny-model app that sends no key unless a request gives one."""
+    with TestClient(make_tiny_app(tiny_settings)) as client:
         yield client

@@ -9,20 +9,12 @@ through to the route (whatever the route then says about the dummy input).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
 
-from app.api.main import create_app
-from app.serving.engine import Engine as ServingEngine
-from app.settings import Settings
-from tests.api.conftest import REDIS_URL, assert_error
-from tests.api.serving_app import LengthJudge
-from tests.factories import tiny_model
+from tests.api.conftest import assert_error, make_tiny_app
 from tests.services import ADMIN_KEY, AUTH
 
 PUBLIC = {("get", "/healthz"), ("get", "/readyz")}
@@ -33,30 +25,6 @@ DUMMY_PATH_VALUES = {"job_id": "no-such-job", "name": "no-such-version", "key_id
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture
-def settings(store_engine: Engine, tmp_path: Path) -> Settings:
-    url = store_engine.url.render_as_string(hide_password=False)
-    return Settings(
-        home=tmp_path / "home", database_url=url, broker_url=REDIS_URL, device="cpu",
-        rate_limit_per_minute=0,
-    )  # fmt: skip
-
-
-def make_app(settings: Settings):
-    lm = tiny_model("llama")  # generation routes must not load the demo model
-
-    def factory(sessions: Any) -> ServingEngine:
-        return ServingEngine.from_settings(settings, sessions, lm=lm, judge_loader=LengthJudge)
-
-    return create_app(settings, engine_factory=factory)
-
-
-@pytest.fixture
-def client(settings: Settings, session_factory: Any, redis_queue: Any) -> Iterator[TestClient]:
-    with TestClient(make_app(settings)) as client:
-        yield client
 
 
 def new_key(client: TestClient, role: str, name: str | None = None) -> dict[str, Any]:
@@ -164,11 +132,13 @@ def test_bad_key_requests_name_the_field(client, body, param):
     assert_error(client.post("/v1/keys", json=body, headers=AUTH), 422, param=param)
 
 
-def test_the_last_admin_key_is_kept_without_a_bootstrap_key(settings, session_factory, redis_queue):
-    with TestClient(make_app(settings)) as bootstrap:
+def test_the_last_admin_key_is_kept_without_a_bootstrap_key(
+    tiny_settings, session_factory, redis_queue
+):
+    with TestClient(make_tiny_app(tiny_settings)) as bootstrap:
         first = new_key(bootstrap, "admin", "first")
-    alone = settings.model_copy(update={"admin_key": None})
-    with TestClient(make_app(alone), headers=auth(first["key"])) as client:
+    alone = tiny_settings.model_copy(update={"admin_key": None})
+    with TestClient(make_tiny_app(alone), headers=auth(first["key"])) as client:
         error = assert_error(client.delete(f"/v1/keys/{first['id']}"), 409)
         assert error["code"] == "last_admin_key"
         second = client.post("/v1/keys", json={"name": "second", "role": "admin"}).json()
@@ -178,9 +148,9 @@ def test_the_last_admin_key_is_kept_without_a_bootstrap_key(settings, session_fa
         assert client.get("/v1/keys").status_code == 200
 
 
-def test_without_auth_everyone_is_an_admin(settings, session_factory, redis_queue):
-    open_settings = settings.model_copy(update={"auth": False, "admin_key": None})
-    with TestClient(make_app(open_settings)) as client:
+def test_without_auth_everyone_is_an_admin(tiny_settings, session_factory, redis_queue):
+    open_settings = tiny_settings.model_copy(update={"auth": False, "admin_key": None})
+    with TestClient(make_tiny_app(open_settings)) as client:
         assert client.get("/v1/keys").status_code == 200
         assert client.get("/v1/versions", headers=auth("anything")).status_code == 200
 

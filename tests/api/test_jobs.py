@@ -181,6 +181,26 @@ def test_broker_down_on_submit_is_503_and_leaves_no_queued_job(api_settings, ses
     assert job.status == "failed" and job.error["code"] == "broker_unavailable"
 
 
+def test_a_retry_with_the_same_key_sends_the_job_once_the_broker_is_back(
+    api_settings, session, redis_queue
+):
+    down = api_settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{closed_port()}/0"})
+    headers = {"Idempotency-Key": "retry-me"}
+    with TestClient(create_app(down), headers=AUTH) as client:
+        assert_error(client.post("/v1/jobs", json=dinm_body(), headers=headers), 503)
+    with TestClient(create_app(api_settings), headers=AUTH) as client:  # the broker is back
+        retried = client.post("/v1/jobs", json=dinm_body(), headers=headers)
+        assert retried.status_code == 202, retried.text
+        assert "Idempotent-Replayed" not in retried.headers
+        job = retried.json()
+        assert (job["status"], job["error"], job["finished_at"]) == ("queued", None, None)
+        assert queued_tasks(redis_queue) == 1
+        again = client.post("/v1/jobs", json=dinm_body(), headers=headers)
+        assert again.headers["Idempotent-Replayed"] == "true" and again.json()["id"] == job["id"]
+        assert queued_tasks(redis_queue) == 1  # sent once
+    assert len(crud.list_jobs(session=session).items) == 1
+
+
 def test_unexpected_errors_are_500_in_the_envelope(api_settings, session):
     class BrokenBroker:
         def enqueue(self, job_id: str) -> None:

@@ -18,9 +18,9 @@ from sqlalchemy import Engine
 
 from app.api.ratelimit import LocalLimiter, RedisLimiter
 from app.settings import Settings
-from tests.api.conftest import REDIS_URL, assert_error, closed_port, dinm_body
+from tests.api.conftest import REDIS_URL, assert_error, closed_port, dinm_body, make_tiny_app
 from tests.api.serving_app import live_server
-from tests.api.test_auth import make_app, new_key
+from tests.api.test_auth import new_key
 from tests.services import AUTH
 
 
@@ -39,7 +39,7 @@ def app_with(base_settings, session_factory, redis_queue) -> Iterator[Any]:
     clients: list[TestClient] = []
 
     def make(**overrides: Any) -> TestClient:
-        client = TestClient(make_app(base_settings.model_copy(update=overrides)))
+        client = TestClient(make_tiny_app(base_settings.model_copy(update=overrides)))
         clients.append(client.__enter__())
         return client
 

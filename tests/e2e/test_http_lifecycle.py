@@ -4,10 +4,6 @@ Redis and on the embedded default (SQLite + file broker), driven by the CLI's HT
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,65 +13,13 @@ import pytest
 import redis
 
 from app.cli.client import DetoxClient
-from tests.services import ADMIN_KEY, redis_url
+from tests.processes import Processes
+from tests.services import redis_url
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = redis_url(8)
 INSTANCE = json.loads((ROOT / "examples" / "safeedit_example.json").read_text())[0]
 TERMINAL = {"succeeded", "failed", "cancelled"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Service:
-    def __init__(self, env: dict[str, str], workdir: Path):
-        self.port = _free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DETOX_")}
-        self.env |= env | {"DETOX_TORCH_THREADS": "1", "DETOX_DEVICE": "cpu"}
-        self.env["DETOX_ADMIN_KEY"] = ADMIN_KEY
-        self.workdir = workdir
-        self.procs: list[subprocess.Popen] = []
-        self.client = DetoxClient(f"http://127.0.0.1:{self.port}", api_key=ADMIN_KEY)
-
-    def _start(self, name: str, *args: str) -> None:
-        with (self.workdir / f"{name}.log").open("wb") as log:
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, *args], env=self.env, cwd=self.workdir, stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )  # fmt: skip
-
-    def start(self) -> DetoxClient:
-        self._start("api", "-m", "app.cli", "api", "--port", str(self.port))
-        self._start("worker", "-m", "workers")
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if self.client._http.get("/readyz").status_code == 200:
-                    return self.client
-            except Exception:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("the API never became ready:\n" + self.logs())
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text()[-3000:] for p in sorted(self.workdir.glob("*.log")))
-
-    def stop(self) -> None:
-        self.client.close()
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture(scope="module", params=["embedded", "postgres-redis"])
@@ -84,13 +28,13 @@ def service(
     tmp_path_factory: pytest.TempPathFactory,
     new_database: Callable[[str], str],
     tiny_model_dir: Path,
-) -> Iterator[Service]:
+) -> Iterator[Processes]:
     home = tmp_path_factory.mktemp("home")
-    env = {"DETOX_HOME": str(home), "DETOX_MODEL": str(tiny_model_dir), "DETOX_MAX_NEW_TOKENS": "4"}
+    env = {"DETOX_MODEL": str(tiny_model_dir), "DETOX_MAX_NEW_TOKENS": "4"}
     if request.param == "postgres-redis":
         redis.Redis.from_url(REDIS_URL).flushdb()
         env |= {"DETOX_DATABASE_URL": new_database("postgresql"), "DETOX_BROKER_URL": REDIS_URL}
-    svc = Service(env, home)
+    svc = Processes(home, env)
     try:
         svc.start()
         yield svc
@@ -117,7 +61,7 @@ def _wait(client: DetoxClient, job_id: str, timeout: float = 240) -> dict:
     raise AssertionError(f"job {job_id} not finished: {job}")
 
 
-def test_twenty_concurrent_submissions_each_end_with_exactly_one_version(service: Service):
+def test_twenty_concurrent_submissions_each_end_with_exactly_one_version(service: Processes):
     client = service.client
     with ThreadPoolExecutor(max_workers=20) as pool:
         submitted = list(pool.map(lambda _: client.submit_job(_body()), range(20)))
@@ -134,7 +78,7 @@ def test_twenty_concurrent_submissions_each_end_with_exactly_one_version(service
         assert version["delta"]["params"] and version["delta"]["bytes"] > 0
 
 
-def test_stacked_versions_and_the_event_stream(service: Service):
+def test_stacked_versions_and_the_event_stream(service: Processes):
     client = service.client
     first = client.submit_job(_body(name=f"a-{service.port}"))
     events = [event for event, _ in client.job_events(first["id"])]
@@ -153,9 +97,9 @@ def test_stacked_versions_and_the_event_stream(service: Service):
 def test_a_dinm_job_on_the_demo_model_detoxifies_its_instance(tmp_path: Path):
     home = tmp_path / "home"
     home.mkdir()
-    svc = Service({"DETOX_HOME": str(home), "DETOX_MODEL": "demo"}, home)
+    svc = Processes(home, {"DETOX_MODEL": "demo"})
     try:
-        client = svc.start()
+        client = svc.start().client
         job = _wait(
             client, client.submit_job(_body(name="demo-v1", params={"preset": "paper"}))["id"]
         )
@@ -168,7 +112,9 @@ def test_a_dinm_job_on_the_demo_model_detoxifies_its_instance(tmp_path: Path):
         svc.stop()
 
 
-def test_corpus_unlearning_then_an_eval_job_attach_to_the_version(service: Service, tmp_path: Path):
+def test_corpus_unlearning_then_an_eval_job_attach_to_the_version(
+    service: Processes, tmp_path: Path
+):
     client = service.client
     corpus = tmp_path / "forget.jsonl"
     corpus.write_text(

@@ -13,18 +13,15 @@ import base64
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.api.serving_app import free_port
+from tests.processes import Processes
+from tests.services import ADMIN_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "out" / "ui-screenshots"
@@ -35,9 +32,8 @@ CHROMIUM_FLAGS = (
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--window-size=1360,1000",
 )  # fmt: skip
-API_KEY = "ui-test-admin-key"  # the bootstrap admin key (DETOX_ADMIN_KEY) of the test service
+API_KEY = ADMIN_KEY  # the service's bootstrap admin key (DETOX_ADMIN_KEY)
 INSTANCE: dict[str, Any] = json.loads((ROOT / "examples" / "safeedit_example.json").read_text())[0]
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def browser_missing() -> str | None:
@@ -50,85 +46,17 @@ def browser_missing() -> str | None:
     return None
 
 
-@dataclass
-class Service:
-    """`detox api` + one worker, embedded mode, on a free loopback port."""
-
-    home: Path
-    model: Path
-    port: int = field(default_factory=free_port)
-    procs: list[subprocess.Popen] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DETOX_")}
-        return env | {
-            "DETOX_HOME": str(self.home),
-            "DETOX_MODEL": str(self.model),
-            "DETOX_DEVICE": "cpu",
-            "DETOX_TORCH_THREADS": "1",
-            "DETOX_MAX_NEW_TOKENS": "16",  # long enough for a fluency score
-            "DETOX_SERVING_MAX_TOKENS": "24",
-            "DETOX_UNLEARN_BIAS_PAIRS_PER_TYPE": "2",
-            "DETOX_ADMIN_KEY": API_KEY,
-        }
-
-    def start(self) -> None:
-        for name, args in (
-            ("api", ["-m", "app.cli", "api", "--port", str(self.port)]),
-            ("worker", ["-m", "workers"]),
-        ):
-            with (self.home / f"{name}.log").open("wb") as log:
-                self.procs.append(
-                    subprocess.Popen(
-                        [sys.executable, *args], env=self.env(), cwd=self.home, stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"the API never became ready:\n{self.logs()}")
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text()[-3000:] for p in sorted(self.home.glob("*.log")))
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def http(self) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {API_KEY}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+class Service(Processes):
+    """`detox api` + one worker, embedded mode, with a tiny model."""
 
     def run_job(self, body: dict[str, Any], timeout: float = 240) -> dict[str, Any]:
         """Submit a job and wait for it; it must succeed."""
         with self.http() as client:
             response = client.post("/v1/jobs", json=body)
             assert response.status_code == 202, response.text
-            job_id = response.json()["id"]
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                job = client.get(f"/v1/jobs/{job_id}").json()
-                if job["status"] in TERMINAL:
-                    assert job["status"] == "succeeded", (job["error"], self.logs())
-                    return job
-                time.sleep(0.2)
-        raise AssertionError(f"job {job_id} did not finish:\n{self.logs()}")
+        job = self.wait_job(response.json()["id"], timeout)
+        assert job["status"] == "succeeded", (job["error"], self.logs())
+        return job
 
 
 def dinm_job(**overrides: Any) -> dict[str, Any]:
@@ -143,7 +71,13 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     reason = browser_missing()
     if reason:
         pytest.skip(reason)
-    svc = Service(tmp_path_factory.mktemp("ui-home"), tiny_model_dir)
+    env = {
+        "DETOX_MODEL": str(tiny_model_dir),
+        "DETOX_MAX_NEW_TOKENS": "16",  # long enough for a fluency score
+        "DETOX_SERVING_MAX_TOKENS": "24",
+        "DETOX_UNLEARN_BIAS_PAIRS_PER_TYPE": "2",
+    }
+    svc = Service(tmp_path_factory.mktemp("ui-home"), env)
     try:
         svc.start()
         svc.run_job(dinm_job(name="v1"))

@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.ui.conftest import API_KEY, INSTANCE, TERMINAL, Service, screenshot, wait_for
+from tests.processes import TERMINAL
+from tests.ui.conftest import API_KEY, INSTANCE, Service, screenshot, wait_for
 
 pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
 from selenium.webdriver.common.by import By
@@ -200,6 +201,7 @@ def test_the_page_needs_no_key_and_every_api_call_sends_the_one_given(browser, s
     browser.execute_script("localStorage.clear()")
     _network(browser)  # drop what came before
     browser.refresh()  # the page again, now without a key: it asks for one, calls nothing
+    browser.get_log("browser")  # drop what the previous page's timers logged as it went
     notice = one(browser, "#main[data-page=versions] .notice")
     assert "Enter an API key" in text(notice)
     requests, statuses = _network(browser)

@@ -60,8 +60,11 @@ def submit_job(
     if idempotency_key is not None:
         existing = crud.find_job_by_idempotency_key(session=session, key=idempotency_key)
         if existing is not None:
-            response.headers["Idempotent-Replayed"] = "true"
-            return JobPublic.from_row(existing)
+            if crud.requeue_unsent_job(session=session, job_id=existing.id):
+                _enqueue(session, broker, existing.id)  # the broker is back: send it now
+            else:
+                response.headers["Idempotent-Replayed"] = "true"
+            return JobPublic.from_row(crud.get_job(session=session, job_id=existing.id))
     job_in = body.root
     parent_id, spec = _prepare(session, job_in)
     _check_active_jobs(session, caller, settings.max_active_jobs_per_key)
@@ -155,8 +158,9 @@ def _enqueue(session: Session, broker: Broker, job_id: str) -> None:
     except Exception as exc:
         error = {
             "type": "broker_unavailable",
-            "code": "broker_unavailable",
-            "message": f"the job could not be queued: {exc}",
+            "code": crud.UNSENT,
+            "message": f"the job could not be queued: {exc}; submitting again with the same "
+            "Idempotency-Key sends this job",
         }
         crud.finish_job_failed(session=session, job_id=job_id, error=error)
         raise

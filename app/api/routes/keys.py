@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Path, Query, Request
 
 from app.api.auth import issue_key, require
 from app.api.deps import SessionDep
@@ -38,7 +38,11 @@ def list_keys(
 
 
 @router.delete("/{key_id}", response_model=KeyPublic)
-def revoke_key(key_id: int, request: Request, session: SessionDep) -> KeyPublic:
+def revoke_key(
+    key_id: Annotated[int, Path(ge=1, le=2**63 - 1, description="the key's id")],
+    request: Request,
+    session: SessionDep,
+) -> KeyPublic:
     """Revoke a key (idempotent). The last live admin key is kept unless a bootstrap key
     (DETOX_ADMIN_KEY) exists, so that keys can still be managed."""
     key = crud.get_api_key_by_id(session=session, key_id=key_id)

@@ -1,0 +1,118 @@
+"""Hostile and broken input, each answered with a clear 4xx in the error envelope: malformed JSON,
+invalid UTF-8, huge numbers, NaN and infinities, path traversal in names, SQL metacharacters in
+filters. On the real store (both backends) with a tiny model behind generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.store import crud
+from tests.api.conftest import assert_error, dinm_body
+from tests.services import AUTH
+
+JSON = {"Content-Type": "application/json"} | AUTH
+COMPLETION = {"model": "base", "prompt": "hi", "max_tokens": 2}
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/completions", "/v1/chat/completions",
+                                  "/v1/ab", "/v1/keys"])  # fmt: skip
+@pytest.mark.parametrize(
+    "raw", [b"{", b'{"kind": "dinm",}', b"[1, 2", b"\x00\x01", b"nul", b'{"a": 1} trailing']
+)
+def test_malformed_json_is_422_json_invalid(client, path, raw):
+    error = assert_error(client.post(path, content=raw, headers=JSON), 422)
+    assert error["code"] == "json_invalid" and error["param"] is None
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/completions", "/v1/keys"])
+def test_invalid_utf8_is_a_4xx(client, path):
+    response = client.post(path, content=b'{"name": "\xff\xfe"}', headers=JSON)
+    assert 400 <= response.status_code < 500
+    assert_error(response, response.status_code)
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"steps": 1' + b"0" * 400 + b"}", "params.steps"),
+        (b'{"lr": 1e400}', "params.lr"),
+        (b'{"lr": NaN}', "params.lr"),
+        (b'{"lr": -Infinity}', "params.lr"),
+        (b'{"kl_weight": Infinity}', "params.kl_weight"),
+    ],
+)
+def test_huge_and_non_finite_numbers_in_job_params_are_422(client, raw, param):
+    instance = json.dumps(dinm_body()["instance"])
+    payload = (
+        f'{{"kind": "dinm", "parent": "base", "instance": {instance}, "params": {raw.decode()}}}'
+    )
+    assert_error(client.post("/v1/jobs", content=payload, headers=JSON), 422, param=param)
+
+
+@pytest.mark.parametrize(
+    ("field", "raw"),
+    [("temperature", "NaN"), ("temperature", "Infinity"), ("top_p", "NaN"), ("seed", "1e400"),
+     ("max_tokens", "1" + "0" * 400), ("temperature", "-1"), ("top_p", "1.5")],
+)  # fmt: skip
+def test_bad_sampling_numbers_are_422(client, field, raw):
+    fields = {"model": '"base"', "prompt": '"hi"', "max_tokens": "2", field: raw}
+    payload = "{" + ", ".join(f'"{k}": {v}' for k, v in fields.items()) + "}"
+    response = client.post("/v1/completions", content=payload, headers=JSON)
+    assert_error(response, 422, param=field)
+
+
+def test_a_huge_but_valid_max_tokens_is_capped(client):
+    response = client.post("/v1/completions", json=COMPLETION | {"max_tokens": 100_000},
+                           headers=AUTH)  # fmt: skip
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/versions/..%2F..%2Fetc%2Fpasswd",
+        "/v1/versions/%2e%2e",
+        "/v1/versions/..%5C..%5Cwindows",
+        "/v1/corpora/..%2F..%2Fetc%2Fpasswd",
+        "/v1/versions/..%2Fx/export?format=delta",
+        "/v1/jobs/..%2F..%2Fetc%2Fpasswd",
+    ],
+)
+def test_path_traversal_in_names_finds_nothing(client, path):
+    response = client.get(path, headers=AUTH)
+    assert response.status_code in (404, 422), response.text
+    assert_error(response, response.status_code)
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", "x\\y", "a\x00b", " lead"])
+def test_traversal_names_are_refused_for_new_versions_and_corpora(client, name):
+    assert_error(client.post("/v1/jobs", json=dinm_body(name=name), headers=AUTH), 422)
+    upload = client.post("/v1/corpora", params={"name": name}, content='"x"\n',
+                         headers=AUTH | {"Content-Type": "application/x-ndjson"})  # fmt: skip
+    assert_error(upload, 422, param="name")
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "param"),
+    [
+        ({"status": "' OR '1'='1"}, 422, "status"),
+        ({"status": "queued; DROP TABLE jobs; --"}, 422, "status"),
+        ({"cursor": "' OR 1=1 --"}, 400, "cursor"),
+        ({"cursor": "eyJ4IjogIic7IERST1AgVEFCTEUgam9iczsgLS0ifQ=="}, 400, "cursor"),
+        ({"limit": "1; DROP TABLE jobs"}, 422, "limit"),
+        ({"limit": "99999999999999999999999"}, 422, "limit"),
+    ],
+)
+def test_sql_metacharacters_in_filters_are_4xx_and_harmless(client, session, query, status,
+                                                            param):  # fmt: skip
+    assert client.post("/v1/jobs", json=dinm_body(), headers=AUTH).status_code == 202
+    assert_error(client.get("/v1/jobs", params=query, headers=AUTH), status, param=param)
+    assert crud.count_jobs(session=session) == 1  # the table is there, its row too
+
+
+def test_sql_in_a_version_name_is_just_a_name(client, session):
+    response = client.get("/v1/versions/x'; DROP TABLE versions; --", headers=AUTH)
+    assert_error(response, 404)
+    assert crud.list_versions(session=session) == []  # the query ran, on a table that exists
