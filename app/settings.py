@@ -125,6 +125,10 @@ class Settings(BaseSettings):
         100, ge=1, le=1_000_000,
         description="queued or running jobs one API key may have; more are refused with 429",
     )  # fmt: skip
+    log_format: Literal["json", "text"] = Field(
+        "json", description="server logs: one JSON object a line, or plain text"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     url: str = Field(
         "http://127.0.0.1:8000", description="the API's address, for the CLI clients (DETOX_URL)"
     )

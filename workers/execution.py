@@ -29,6 +29,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
+from app.logs import job_context
 from app.ml.bias import filter_pairs, load_pairs
 from app.ml.corpus import Document
 from app.ml.deltas import Delta, apply_deltas, fingerprint
@@ -63,6 +64,17 @@ def execute_job(
     worker_name: str,
 ) -> str:
     """Run the job `job_id` if it can be claimed; returns the outcome (see the module docstring)."""
+    with job_context(job_id):
+        return _claim_and_run(job_id, session_factory, runtime, settings, worker_name)
+
+
+def _claim_and_run(
+    job_id: str,
+    session_factory: sessionmaker[Session],
+    runtime: Runtime,
+    settings: Settings,
+    worker_name: str,
+) -> str:
     with session_factory() as session:
         job = crud.claim_job(
             session=session,

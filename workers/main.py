@@ -21,6 +21,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.logs import configure_logging
 from app.settings import Settings, get_settings
 from app.store import crud
 from workers import tasks
@@ -87,14 +88,12 @@ def run_worker(
     settings: Settings | None = None,
     *,
     queues: Sequence[Queue] = (Queue.EDITS, Queue.LIGHT),
-    loglevel: str = "INFO",
+    loglevel: str | None = None,
 ) -> int:
     """Run a worker in this process until it is stopped; returns its exit code."""
     settings = settings or get_settings()
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+    loglevel = loglevel or settings.log_level
+    configure_logging(settings.log_format, loglevel)
     app = create_app(settings)
     context = tasks.build_context(settings)
     tasks.install_context(context)
@@ -124,6 +123,7 @@ def run_worker(
             without_heartbeat=True,
             optimization="fair",
             redirect_stdouts=False,
+            quiet=True,  # no startup banner: the log is records only (see the "ready" line)
         )
         worker.start()
         return int(worker.exitcode or 0)

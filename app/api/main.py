@@ -17,8 +17,9 @@ from app.api.auth import KeyCache, annotate_roles
 from app.api.body_limit import BodyLimit, is_corpus_upload
 from app.api.broker import Broker, CeleryBroker, broker_error
 from app.api.errors import install_error_handlers
+from app.api.observability import RequestObserver, ServiceCollector, new_registry
 from app.api.ratelimit import make_limiter
-from app.api.routes import corpora, generation, health, jobs, keys, ui, versions
+from app.api.routes import corpora, generation, health, jobs, keys, metrics, ui, versions
 from app.notify import is_redis
 from app.serving.provider import ServingProvider
 from app.settings import Settings, get_settings
@@ -78,7 +79,12 @@ def create_app(
     )
     install_error_handlers(app, broker_error=broker_error())
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, exempt=is_corpus_upload)
-    routers = [m.router for m in (health, jobs, versions, corpora, generation, keys)]
+    app.state.registry, latency = new_registry()
+    app.add_middleware(RequestObserver, latency=latency)  # outermost: sees every answer
+    app.state.registry.register(
+        ServiceCollector(lambda: app.state.sessionmaker, lambda: app.state.serving)
+    )
+    routers = [m.router for m in (health, jobs, versions, corpora, generation, keys, metrics)]
     annotate_roles(routers)
     for router in routers:
         app.include_router(router)

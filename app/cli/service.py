@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from app.cli.output import console
+from app.logs import configure_logging
 from app.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -177,9 +178,11 @@ def _serve(
 
     from app.api.main import create_app
 
+    configure_logging(settings.log_format, settings.log_level)
     config = uvicorn.Config(
-        create_app(settings), host=host, port=port, timeout_graceful_shutdown=GRACEFUL_S
-    )
+        create_app(settings), host=host, port=port, timeout_graceful_shutdown=GRACEFUL_S,
+        log_config=None, access_log=False,  # our logging; the API logs its own access lines
+    )  # fmt: skip
     server = uvicorn.Server(config)
     if worker is not None:
         threading.Thread(target=_stop_when_gone, args=(worker, server), daemon=True).start()

@@ -17,19 +17,22 @@ class VersionCache:
         self._items: OrderedDict[int, VersionWeights] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[int, threading.Lock] = {}
-        self.loads = 0  # versions read from the source, for tests and metrics
+        self.loads = 0  # versions read from the source (misses), for tests and metrics
+        self.hits = 0
 
     def get(self, version_id: int, load: Callable[[], VersionWeights]) -> VersionWeights:
         """The cached weights of `version_id`, loaded with `load()` on a miss (one loader per id;
         concurrent callers for the same id wait for it)."""
         with self._lock:
             if version_id in self._items:
+                self.hits += 1
                 self._items.move_to_end(version_id)
                 return self._items[version_id]
             loading = self._loading.setdefault(version_id, threading.Lock())
         with loading:
             with self._lock:
-                if version_id in self._items:
+                if version_id in self._items:  # another caller loaded it meanwhile
+                    self.hits += 1
                     self._items.move_to_end(version_id)
                     return self._items[version_id]
             weights = load()

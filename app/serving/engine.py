@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ class Engine:
         self.max_prompt_tokens = max_prompt_tokens
         self.max_pending = max_pending
         self.pending = 0  # requests admitted and not finished (touched on the event loop only)
+        self.generated_tokens: Counter[str] = Counter()  # by served model, for metrics
         self.poll_s = poll_s
         self._judge_loader = judge_loader or (lambda: load_judge("offline"))
         self._judge: Judge | None = None
@@ -250,6 +252,8 @@ class Engine:
             self._batcher.submit(request)
             try:
                 async for event in _drain(events):
+                    if isinstance(event, Finished):
+                        self.generated_tokens[target.name] += event.completion_tokens
                     yield event
             finally:
                 request.cancelled.set()
@@ -268,7 +272,10 @@ class Engine:
             pairs = self._requests(jobs)
             self._batcher.submit(*(request for request, _ in pairs))
             try:
-                return list(await asyncio.gather(*(_result(events) for _, events in pairs)))
+                results = list(await asyncio.gather(*(_result(events) for _, events in pairs)))
+                for (_ids, target, _params), result in zip(jobs, results, strict=True):
+                    self.generated_tokens[target.name] += result.completion_tokens
+                return results
             finally:
                 for request, _ in pairs:
                     request.cancelled.set()

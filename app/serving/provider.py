@@ -34,6 +34,11 @@ class ServingProvider:
                 self._serving = OpenAIServing(engine)
             return self._serving
 
+    def engine_if_loaded(self) -> Engine | None:
+        """The engine, or None when nothing has loaded it yet (metrics must not load a model)."""
+        serving = self._serving
+        return serving.engine if serving is not None else None
+
     async def get(self) -> OpenAIServing:
         if self._serving is not None:
             return self._serving
