@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the project into .venv/ (idempotent: a second run only checks and returns).
 # torch goes in first and pinned: `torch==2.13.0` is the CPU build on this machine kind's disk,
-# whereas an unpinned torch would pull a multi-GB CUDA build. Set TORCH_SPEC to override (GPU hosts).
+# whereas an unpinned torch would pull a multi-GB CUDA build. Set TORCH_SPEC (and TORCH_INDEX_URL)
+# to choose another build on GPU hosts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +16,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
+    # TORCH_INDEX_URL picks a wheel index, e.g. https://download.pytorch.org/whl/cu128 on GPU hosts.
+    .venv/bin/python -m pip install --quiet "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 
 # Reinstall the project only when its dependency list changed since the last install.
