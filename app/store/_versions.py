@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypedDict
 
 from sqlalchemy import select, update
@@ -165,17 +166,8 @@ def finish_job_evaluated(
     version's `metrics["eval"]`, with `job_id` naming this job: suites evaluated earlier stay, a
     suite evaluated again is replaced. An evaluation of the base (no parent) attaches nothing.
     False, and nothing written, when the job was no longer running in that attempt."""
-    fence = [Job.attempts == attempt] if attempt is not None else []
-    now = utcnow()
     try:
-        done = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "running", *fence)
-            .values(status="succeeded", stage="done", progress=1.0, metrics=metrics)
-            .values(finished_at=now, heartbeat_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        if done.rowcount != 1:
+        if not _mark_succeeded(session, job_id, metrics, attempt, utcnow()):
             session.rollback()
             return False
         parent = session.scalar(select(Job.parent_version_id).where(Job.id == job_id))
@@ -288,6 +280,22 @@ def finish_job_succeeded(
     raise RuntimeError(f"could not pick a free default version name in {_NAME_RACE_RETRIES} tries")
 
 
+def _mark_succeeded(
+    session: Session, job_id: str, metrics: dict[str, Any], attempt: int | None, now: datetime
+) -> bool:
+    """running (in `attempt`, when given) -> succeeded with `metrics`, uncommitted; whether it
+    was."""
+    fence = [Job.attempts == attempt] if attempt is not None else []
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", *fence)
+        .values(status="succeeded", stage="done", progress=1.0, metrics=metrics)
+        .values(finished_at=now, heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return done.rowcount == 1
+
+
 def _write_version(
     session: Session,
     job_id: str,
@@ -299,20 +307,13 @@ def _write_version(
     attempt: int | None,
 ) -> Version:
     now = utcnow()
-    fence = [Job.attempts == attempt] if attempt is not None else []
     # The job's row first: on SQLite this takes the write lock, so the default name below is
     # computed with no other writer about.
-    done = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running", *fence)
-        .values(status="succeeded", stage="done", progress=1.0, metrics=metrics)
-        .values(finished_at=now, heartbeat_at=now)
-        .execution_options(synchronize_session=False)
-    )
+    done = _mark_succeeded(session, job_id, metrics, attempt, now)
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
-    if done.rowcount != 1:
+    if not done:
         session.rollback()
         job = session.get(Job, job_id, populate_existing=True)
         assert job is not None
