@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     serving_poll_s: float = Field(
         1.0, gt=0, le=3600, description="how often the engine re-reads the live versions"
     )
+    experiment_cache_s: float = Field(
+        1.0, gt=0, le=600, description="how long an API process routes on an experiment it read"
+    )
     corpus_max_bytes: int = Field(
         50 * 1024 * 1024,
         ge=1024,

@@ -18,7 +18,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.store import migrate
 from app.store.db import make_engine, make_sessionmaker
-from app.store.models import ApiKey, Corpus, DeltaRow, Job, Version
+from app.store.models import (
+    ApiKey,
+    Corpus,
+    DeltaRow,
+    Experiment,
+    ExperimentOutcome,
+    Job,
+    Version,
+)
 from tests.services import ADMIN_KEY
 
 os.environ["DETOX_ADMIN_KEY"] = ADMIN_KEY
@@ -92,6 +100,8 @@ def session(session_factory: sessionmaker[Session]) -> Iterator[Session]:
 def _empty(engine: Engine) -> None:
     with engine.begin() as connection:
         connection.execute(delete(DeltaRow))
+        connection.execute(delete(ExperimentOutcome))
+        connection.execute(delete(Experiment))
         connection.execute(update(Job).values(parent_version_id=None, result_version_id=None))
         connection.execute(update(Version).values(parent_id=None, job_id=None))
         for model in (Version, Job, Corpus, ApiKey):

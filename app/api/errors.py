@@ -134,6 +134,8 @@ _STORE_ERRORS: dict[type[Exception], tuple[int, str, str]] = {
     store_errors.InvalidCorpusName: (422, INVALID_REQUEST, "invalid_corpus_name"),
     store_errors.DuplicateCorpusName: (409, CONFLICT, "duplicate_corpus_name"),
     store_errors.CorpusInUse: (409, CONFLICT, "corpus_in_use"),
+    store_errors.DuplicateExperimentName: (409, CONFLICT, "duplicate_experiment_name"),
+    store_errors.ExperimentStopped: (409, CONFLICT, "experiment_stopped"),
 }
 _STORE_PARAMS: dict[type[Exception], str] = {
     store_errors.InvalidCursor: "cursor",
@@ -141,6 +143,7 @@ _STORE_PARAMS: dict[type[Exception], str] = {
     store_errors.InvalidVersionName: "name",
     store_errors.InvalidCorpusName: "name",
     store_errors.DuplicateCorpusName: "name",
+    store_errors.DuplicateExperimentName: "name",
 }
 
 

@@ -19,7 +19,18 @@ from app.api.broker import Broker, CeleryBroker, broker_error
 from app.api.errors import install_error_handlers
 from app.api.observability import RequestObserver, ServiceCollector, new_registry
 from app.api.ratelimit import make_limiter
-from app.api.routes import corpora, generation, health, jobs, keys, metrics, ui, versions
+from app.api.routes import (
+    corpora,
+    experiments,
+    generation,
+    health,
+    jobs,
+    keys,
+    metrics,
+    ui,
+    versions,
+)
+from app.experiments.service import ExperimentRouter, OutcomeRecorder, verdicts_via
 from app.notify import is_redis
 from app.serving.provider import ServingProvider
 from app.settings import Settings, get_settings
@@ -53,12 +64,21 @@ def create_app(
         app.state.engine = engine
         sessions = make_sessionmaker(engine)
         app.state.sessionmaker = sessions
-        app.state.serving = ServingProvider(lambda: (engine_factory or default_engine)(sessions))
+        app.state.experiments = ExperimentRouter(sessions, ttl_s=settings.experiment_cache_s)
+        app.state.outcomes = OutcomeRecorder(
+            sessions, verdicts_via(lambda: app.state.serving.get_sync().engine)
+        )
+        app.state.serving = ServingProvider(
+            lambda: (engine_factory or default_engine)(sessions),
+            experiments=app.state.experiments,
+            outcomes=app.state.outcomes,
+        )
         if settings.serving_preload:  # the first request then finds the model loaded
             await asyncio.to_thread(app.state.serving.get_sync)
         try:
             yield
         finally:
+            app.state.outcomes.close()  # what was served is recorded before the engine goes
             app.state.serving.close()
             engine.dispose()
 
@@ -84,7 +104,9 @@ def create_app(
     app.state.registry.register(
         ServiceCollector(lambda: app.state.sessionmaker, lambda: app.state.serving)
     )
-    routers = [m.router for m in (health, jobs, versions, corpora, generation, keys, metrics)]
+    routers = [
+        m.router for m in (health, jobs, versions, corpora, experiments, generation, keys, metrics)
+    ]
     annotate_roles(routers)
     for router in routers:
         app.include_router(router)

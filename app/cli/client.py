@@ -185,6 +185,28 @@ class DetoxClient:
     def revoke_key(self, key_id: int) -> Any:
         return self._request("DELETE", f"/v1/keys/{key_id}")
 
+    # experiments
+    def create_experiment(self, body: dict[str, Any]) -> Any:
+        return self._request("POST", "/v1/experiments", json=body)
+
+    def list_experiments(self, *, status: str | None = None) -> Any:
+        params = {"status": status} if status is not None else {}
+        return self._request("GET", "/v1/experiments", params=params)
+
+    def get_experiment(self, name: str) -> Any:
+        return self._request("GET", f"/v1/experiments/{quote(name, safe='')}")
+
+    def experiment_results(self, name: str) -> Any:
+        return self._request("GET", f"/v1/experiments/{quote(name, safe='')}/results")
+
+    def stop_experiment(self, name: str, *, winner: str | None = None) -> Any:
+        body = {"winner": winner} if winner is not None else {}
+        return self._request("POST", f"/v1/experiments/{quote(name, safe='')}/stop", json=body)
+
+    def experiment_feedback(self, name: str, response_id: str, score: float) -> Any:
+        body = {"response_id": response_id, "score": score}
+        return self._request("POST", f"/v1/experiments/{quote(name, safe='')}/feedback", json=body)
+
     # generation
     def list_models(self) -> Any:
         return self._request("GET", "/v1/models")

@@ -15,7 +15,9 @@ from app.settings import get_settings
 JsonOpt = Annotated[bool, typer.Option("--json", help="print only the JSON answer on stdout")]
 TokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="new tokens at most")]
 Prompt = Annotated[str, typer.Argument(help="the user's message")]
-ModelOpt = Annotated[str, typer.Option("--model", help='"base", a version, or "latest"')]
+ModelOpt = Annotated[
+    str, typer.Option("--model", help='"base", a version, "latest" or "exp:<experiment>"')
+]
 
 
 def chat(
@@ -25,9 +27,12 @@ def chat(
     max_tokens: TokensOpt = None,
     temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0,
     stream: Annotated[bool, typer.Option(help="print the answer as it is generated")] = True,
+    user: Annotated[
+        str | None, typer.Option(help="who asks (OpenAI's `user`): in an experiment, one arm")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Ask one model (base or a version) on a detox server."""
+    """Ask one model (base, a version, or an experiment's arm) on a detox server."""
     messages = [{"role": "system", "content": system}] if system else []
     body: dict[str, Any] = {
         "model": model,
@@ -36,6 +41,8 @@ def chat(
     }
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
+    if user is not None:
+        body["user"] = user
     with fail_on_api_error(), DetoxClient.from_settings(get_settings()) as api:
         if as_json or not stream:
             answer = api.chat(body)

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import torch
 
 from app.ml.generation import _pad_id, _stop_ids
-from app.ml.judges import Judge, load_judge
+from app.ml.judges import Judge, Verdict, load_judge
 from app.ml.memory import release_free_memory
 from app.ml.models import LoadedModel, load_model
 from app.ml.prompts import encode_prompt
@@ -327,14 +327,19 @@ class Engine:
 
     def judge(self, prompts: Sequence[str], texts: Sequence[str]) -> tuple[str, list[float]]:
         """(judge name, unsafe score per text), computed on the compute thread; blocks."""
+        name, verdicts = self.verdicts(prompts, texts)
+        return name, [v.score for v in verdicts]
 
-        def score() -> tuple[str, list[float]]:
+    def verdicts(self, prompts: Sequence[str], texts: Sequence[str]) -> tuple[str, list[Verdict]]:
+        """(judge name, the configured judge's verdict per text), on the compute thread; blocks.
+        A judge that fails to load is tried again next time."""
+
+        def judge() -> tuple[str, list[Verdict]]:
             if self._judge is None:
                 self._judge = self._judge_loader()
-            verdicts = self._judge.judge(list(prompts), list(texts))
-            return self._judge.name, [v.score for v in verdicts]
+            return self._judge.name, self._judge.judge(list(prompts), list(texts))
 
-        return self._batcher.call(score)
+        return self._batcher.call(judge)
 
     def close(self) -> None:
         self._closed.set()

@@ -32,7 +32,12 @@ def now() -> int:
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(description='"base", a version name, or "latest"')
+    model: str = Field(
+        description='"base", a version name, "latest", or "exp:<name>" (an experiment picks)'
+    )
+    user: str | None = Field(
+        None, max_length=256, description="who asks; in an experiment, the same user, the same arm"
+    )
     max_tokens: int | None = Field(
         None, ge=1, le=MAX_TOKENS_FIELD, description="capped by the server and the context"
     )
@@ -125,6 +130,11 @@ class ChatCompletionRequest(_Request):
 
     def plain_messages(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def last_user_text(self) -> str:
+        """What a judge sees as the prompt: the last user turn (or the last message)."""
+        users = [m.text() for m in self.messages if m.role == "user"]
+        return users[-1] if users else self.messages[-1].text()
 
 
 class Usage(BaseModel):

@@ -13,12 +13,21 @@ from typing import TYPE_CHECKING
 from app.serving.serving import OpenAIServing
 
 if TYPE_CHECKING:
+    from app.experiments.service import ExperimentRouter, OutcomeRecorder
     from app.serving.engine import Engine
 
 
 class ServingProvider:
-    def __init__(self, factory: Callable[[], Engine]):
+    def __init__(
+        self,
+        factory: Callable[[], Engine],
+        *,
+        experiments: ExperimentRouter | None = None,
+        outcomes: OutcomeRecorder | None = None,
+    ):
         self._factory = factory
+        self._experiments = experiments
+        self._outcomes = outcomes
         self._lock = threading.Lock()
         self._serving: OpenAIServing | None = None
 
@@ -31,7 +40,9 @@ class ServingProvider:
             if self._serving is None:
                 engine = self._factory()
                 engine.start_polling()
-                self._serving = OpenAIServing(engine)
+                self._serving = OpenAIServing(
+                    engine, experiments=self._experiments, outcomes=self._outcomes
+                )
             return self._serving
 
     def engine_if_loaded(self) -> Engine | None:

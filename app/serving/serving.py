@@ -40,6 +40,7 @@ from app.serving.protocol import (
 from app.serving.sampling import Event, Failed, Finished, TextDelta
 
 if TYPE_CHECKING:
+    from app.experiments.service import Assignment, ExperimentRouter, OutcomeRecorder
     from app.serving.engine import Engine, Target
 
 DONE = "data: [DONE]\n\n"
@@ -51,9 +52,18 @@ def sse(payload: BaseModel | dict) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, *, started: int | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        started: int | None = None,
+        experiments: ExperimentRouter | None = None,
+        outcomes: OutcomeRecorder | None = None,
+    ):
         self.engine = engine
         self.started = started or now()
+        self.experiments = experiments  # routes `exp:<name>`; without it, that is no model
+        self.outcomes = outcomes  # records what an experiment served
 
     # -- /v1/models ------------------------------------------------------------------------
 
@@ -68,17 +78,20 @@ class OpenAIServing:
     # -- /v1/completions and /v1/chat/completions ------------------------------------------
 
     async def completion(self, request: CompletionRequest) -> Completion | AsyncIterator[str]:
-        target, ids = await asyncio.to_thread(
-            self._prepare, request.model, lambda: self.engine.encode_text(request.text())
+        start = time.perf_counter()
+        assignment, target, ids = await asyncio.to_thread(
+            self._prepare, request, lambda: self.engine.encode_text(request.text())
         )
         params = request.to_sampling_params(
             self.engine.token_budget(ids, request.requested_tokens())
         )
         rid, created = new_id("cmpl"), now()
+        served = self._recorder(assignment, rid, request.text(), start)
         if request.stream:
             events = await self._started(ids, target, params)
-            return self._completion_stream(request, rid, created, target, events)
+            return self._completion_stream(request, rid, created, target, served(events))
         result = await self.engine.complete(ids, target, params)
+        served.finished(result)
         return Completion(
             id=rid,
             created=created,
@@ -88,18 +101,21 @@ class OpenAIServing:
         )
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[str]:
+        start = time.perf_counter()
         messages = request.plain_messages()
-        target, ids = await asyncio.to_thread(
-            self._prepare, request.model, lambda: self.engine.encode_chat(messages)
+        assignment, target, ids = await asyncio.to_thread(
+            self._prepare, request, lambda: self.engine.encode_chat(messages)
         )
         params = request.to_sampling_params(
             self.engine.token_budget(ids, request.requested_tokens())
         )
         rid, created = new_id("chatcmpl"), now()
+        served = self._recorder(assignment, rid, request.last_user_text(), start)
         if request.stream:
             events = await self._started(ids, target, params)
-            return self._chat_stream(request, rid, created, target, events)
+            return self._chat_stream(request, rid, created, target, served(events))
         result = await self.engine.complete(ids, target, params)
+        served.finished(result)
         return ChatCompletion(
             id=rid,
             created=created,
@@ -113,8 +129,22 @@ class OpenAIServing:
             usage=Usage.of(result.prompt_tokens, result.completion_tokens),
         )
 
-    def _prepare(self, model: str, encode: Callable[[], list[int]]) -> tuple[Target, list[int]]:
-        return self.engine.target(model), encode()
+    def _prepare(
+        self, request: CompletionRequest | ChatCompletionRequest, encode: Callable[[], list[int]]
+    ) -> tuple[Assignment | None, Target, list[int]]:
+        """The experiment's assignment (for `exp:<name>`), the resolved model and the prompt's
+        ids. Blocking: may read the store and load a version."""
+        assignment = None
+        if self.experiments is not None:
+            assignment = self.experiments.route(request.model, request.user)
+        model = assignment.model if assignment is not None else request.model
+        return assignment, self.engine.target(model), encode()
+
+    def _recorder(
+        self, assignment: Assignment | None, rid: str, prompt: str, start: float
+    ) -> _Outcome:
+        recorder = self.outcomes if assignment is not None and assignment.recorded else None
+        return _Outcome(recorder, assignment, rid, prompt, start)
 
     async def _started(self, ids, target, params) -> AsyncIterator[Event]:
         """The engine's stream, its first event already taken: admission (a full engine raises
@@ -218,6 +248,46 @@ class OpenAIServing:
             for target, result, score in zip(targets, results, scores, strict=True)
         ]
         return AbResponse(arms=arms, judge=judge_name)
+
+
+class _Outcome:
+    """Hands a response of a running experiment to the recorder once it has finished (a
+    stream that ends early counts for nothing). Without a recorder it does nothing."""
+
+    def __init__(self, recorder, assignment, response_id: str, prompt: str, start: float):
+        self._recorder = recorder
+        self._assignment = assignment
+        self._response_id = response_id
+        self._prompt = prompt
+        self._start = start
+
+    def finished(self, result: Finished) -> None:
+        if self._recorder is None:
+            return
+        from app.experiments.service import Served  # store-side module: only with experiments
+
+        self._recorder.submit(
+            Served(
+                assignment=self._assignment,
+                response_id=self._response_id,
+                prompt=self._prompt,
+                text=result.text,
+                latency_ms=round((time.perf_counter() - self._start) * 1000, 1),
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                finish_reason=result.finish_reason,
+            )
+        )
+
+    def __call__(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        return events if self._recorder is None else self._watched(events)
+
+    async def _watched(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, Finished):
+                    self.finished(event)
+                yield event
 
 
 async def _prepended(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[Event]:

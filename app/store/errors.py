@@ -99,3 +99,19 @@ class CorpusInUse(StoreError):
 
 class CorruptCorpus(StoreError):
     """A stored corpus whose content does not match its checksum, or no longer parses."""
+
+
+class DuplicateExperimentName(StoreError):
+    """An experiment of that name exists already (stopped ones keep their names)."""
+
+    def __init__(self, name: str):
+        super().__init__(f"an experiment named {name!r} already exists")
+        self.name = name
+
+
+class ExperimentStopped(StoreError):
+    """Stopping an experiment that is stopped already."""
+
+    def __init__(self, name: str):
+        super().__init__(f"experiment {name!r} is stopped already")
+        self.name = name

@@ -22,6 +22,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
     false,
 )
@@ -35,6 +36,7 @@ TERMINAL_STATUSES: Final = ("succeeded", "failed", "cancelled")
 VERSION_KINDS: Final = ("dinm", "unlearn")
 DELTA_ENCODINGS: Final = ("dense", "lowrank")
 ROLES: Final = ("reader", "editor", "admin")
+EXPERIMENT_STATUSES: Final = ("running", "stopped")
 
 NAMING_CONVENTION: Final = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -186,3 +188,55 @@ class ApiKey(Base):
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Experiment(Base):
+    """An A/B experiment on live traffic: weighted arms (`[{"model", "weight"}]`, immutable once
+    created, so a user's arm never changes), the judge of its outcomes, and once stopped, the
+    arm that takes all its traffic (`winner`; NULL: the base model)."""
+
+    __tablename__ = "experiments"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", EXPERIMENT_STATUSES), name="status"),
+        Index(None, "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    arms: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    judge: Mapped[str] = mapped_column(String(32))
+    keep_text: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    winner: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    api_key_id: Mapped[int | None] = mapped_column(Integer)  # the creating key (as jobs.api_key_id)
+
+
+class ExperimentOutcome(Base):
+    """One response served in an experiment: its arm (the assignment), what it cost, the
+    judge's verdict once judged (NULL `judged_at`: not yet, or `judge_error` says why not) and
+    the client's feedback. Text only when the experiment keeps it."""
+
+    __tablename__ = "experiment_outcomes"
+    __table_args__ = (Index(None, "experiment_id", "arm"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"))
+    response_id: Mapped[str] = mapped_column(String(64), unique=True)
+    arm: Mapped[str] = mapped_column(String(64))
+    user_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    judged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    unsafe: Mapped[bool | None] = mapped_column(Boolean)
+    unsafe_score: Mapped[float | None] = mapped_column(Float)
+    refused: Mapped[bool | None] = mapped_column(Boolean)
+    judge_error: Mapped[str | None] = mapped_column(String(500))
+    feedback: Mapped[float | None] = mapped_column(Float)
+    feedback_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    prompt: Mapped[str | None] = mapped_column(Text)
+    response: Mapped[str | None] = mapped_column(Text)

@@ -17,7 +17,7 @@ from app.store.db import make_engine, make_sessionmaker
 from app.store.models import Base
 from tests.conftest import BACKENDS
 
-TABLES = {"jobs", "versions", "deltas", "corpora", "api_keys"}
+TABLES = {"jobs", "versions", "deltas", "corpora", "api_keys", "experiments", "experiment_outcomes"}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -36,7 +36,7 @@ def test_upgrade_downgrade_upgrade(backend: str, new_database: Callable[[str], s
 
     migrate.upgrade(url)
     assert _tables(url) == TABLES
-    assert migrate.current_revision(url) == migrate.head_revision() == "0003"
+    assert migrate.current_revision(url) == migrate.head_revision() == "0004"
 
     migrate.downgrade(url, "base")
     assert _tables(url) == set()

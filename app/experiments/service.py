@@ -1,0 +1,301 @@
+"""Experiments in the API process: route `exp:<name>` requests to an arm, and record every
+response's outcome off the request path.
+
+`ExperimentRouter` keeps the experiments it has read for `ttl_s` (a stop made by another API
+process is seen within that time; one made here at once); when the database is down it keeps
+routing on what it read last. `OutcomeRecorder` is one background thread: it writes each served
+response's row, then judges the batch it took and stores the verdicts. A judge that fails leaves
+the rows unjudged with the reason; a database that fails is retried for `retry_s`. Nothing here
+runs on the caller's path but a dictionary lookup and a queue put.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from app.experiments.assign import Arm, assign, user_hash
+from app.serving.errors import UnknownModelError
+from app.store import crud
+from app.store.errors import NotFound
+from app.store.models import Experiment
+
+if TYPE_CHECKING:
+    from app.ml.judges import Verdict  # torch: the API imports it only once it generates
+    from app.serving.engine import Engine
+
+log = logging.getLogger(__name__)
+
+PREFIX = "exp:"
+JUDGES = ("service", "offline", "none")  # the service's DETOX_JUDGE, the offline one, or none
+BATCH = 32
+
+VerdictFn = Callable[[str, Sequence[str], Sequence[str]], "list[Verdict]"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An experiment as routing needs it."""
+
+    id: int
+    name: str
+    running: bool
+    arms: tuple[Arm, ...]
+    winner: str | None
+    judge: str
+    keep_text: bool
+
+    @classmethod
+    def of(cls, row: Experiment) -> Snapshot:
+        return cls(
+            id=row.id,
+            name=row.name,
+            running=row.status == "running",
+            arms=tuple(Arm(a["model"], float(a["weight"])) for a in row.arms),
+            winner=row.winner,
+            judge=row.judge,
+            keep_text=row.keep_text,
+        )
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Which model serves a request of an experiment; `recorded`: whether it counts (only
+    while the experiment runs)."""
+
+    experiment: Snapshot
+    model: str
+    user_hash: str | None
+
+    @property
+    def recorded(self) -> bool:
+        return self.experiment.running
+
+
+@dataclass(frozen=True)
+class Served:
+    """One response of an experiment, as the recorder receives it."""
+
+    assignment: Assignment
+    response_id: str
+    prompt: str
+    text: str
+    latency_ms: float
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+
+
+def verdicts_via(engine: Callable[[], Engine]) -> VerdictFn:
+    """Judging for the recorder: "offline" here, on the recorder's thread (no torch); "service"
+    by the engine's configured judge (DETOX_JUDGE), on the engine's compute thread."""
+
+    def verdicts(judge: str, prompts: Sequence[str], texts: Sequence[str]) -> list[Verdict]:
+        if judge == "offline":
+            from app.ml.judges import OfflineJudge
+
+            return OfflineJudge().judge(list(prompts), list(texts))
+        return engine().verdicts(prompts, texts)[1]
+
+    return verdicts
+
+
+class ExperimentRouter:
+    def __init__(self, sessions: Any, *, ttl_s: float = 1.0):
+        self._sessions = sessions
+        self._ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, Snapshot]] = {}
+
+    def route(self, model: str, user: str | None) -> Assignment | None:
+        """None for a model that is not `exp:<name>`; else the arm that serves it. Blocking
+        (may read the store); UnknownModelError for an unknown experiment."""
+        if not model.startswith(PREFIX):
+            return None
+        experiment = self.snapshot(model.removeprefix(PREFIX))
+        if experiment.running:
+            chosen = assign(experiment.name, experiment.arms, user).model
+        else:
+            chosen = experiment.winner or "base"
+        return Assignment(experiment, chosen, user_hash(user))
+
+    def snapshot(self, name: str) -> Snapshot:
+        with self._lock:
+            cached = self._cache.get(name)
+        if cached is not None and time.monotonic() - cached[0] < self._ttl_s:
+            return cached[1]
+        try:
+            with self._sessions() as session:
+                snapshot = Snapshot.of(crud.get_experiment(session=session, name=name))
+        except NotFound:
+            self.forget(name)
+            raise UnknownModelError(f"there is no experiment named {name!r}") from None
+        except SQLAlchemyError:
+            if cached is None:
+                raise
+            log.warning("database unavailable: routing experiment %r as last read", name)
+            return cached[1]
+        with self._lock:
+            self._cache[name] = (time.monotonic(), snapshot)
+        return snapshot
+
+    def forget(self, name: str) -> None:
+        """Read `name` afresh next time (after a change made in this process)."""
+        with self._lock:
+            self._cache.pop(name, None)
+
+
+class OutcomeRecorder:
+    def __init__(
+        self,
+        sessions: Any,
+        verdicts: VerdictFn,
+        *,
+        max_queue: int = 10_000,
+        retry_s: float = 30.0,
+    ):
+        self._sessions = sessions
+        self._verdicts = verdicts
+        self._retry_s = retry_s
+        self._queue: queue.Queue[Served | None] = queue.Queue(max_queue)
+        self._pending: set[str] = set()
+        self._settled = threading.Condition()
+        self.dropped = 0  # outcomes lost: the queue was full or the database stayed down
+        self.recorded = 0
+        self._thread = threading.Thread(target=self._loop, name="detox-outcomes", daemon=True)
+        self._thread.start()
+
+    def submit(self, served: Served) -> None:
+        """Queue a response for recording and judging (never blocks)."""
+        if not served.assignment.recorded:
+            return
+        with self._settled:
+            self._pending.add(served.response_id)
+        try:
+            self._queue.put_nowait(served)
+        except queue.Full:
+            self._settle([served], dropped=True)
+            log.error("experiment outcome queue full: dropped %s", served.response_id)
+
+    def wait(self, response_id: str, timeout: float = 5.0) -> None:
+        """Return once `response_id` is no longer queued (recorded, or given up on)."""
+        deadline = time.monotonic() + timeout
+        with self._settled:
+            while response_id in self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._settled.wait(left)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Record what is queued (for up to `timeout`), then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # -- the recording thread --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._record(batch)
+            except Exception:  # the thread must outlive any one batch
+                log.exception("could not record %d experiment outcome(s)", len(batch))
+                self._settle(batch, dropped=True)
+
+    def _take(self) -> list[Served] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < BATCH:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # stop after this batch
+                break
+            batch.append(item)
+        return batch
+
+    def _record(self, batch: list[Served]) -> None:
+        saved = [served for served in batch if self._retrying(lambda s=served: self._save(s))]
+        self._settle([s for s in batch if s not in saved], dropped=True)
+        self._settle(saved, dropped=False)  # feedback may refer to them from now on
+        for judge in {s.assignment.experiment.judge for s in saved}:
+            group = [s for s in saved if s.assignment.experiment.judge == judge]
+            if judge != "none":
+                self._judge(judge, group)
+
+    def _save(self, served: Served) -> None:
+        keep = served.assignment.experiment.keep_text
+        with self._sessions() as session:
+            crud.record_outcome(
+                session=session,
+                experiment_id=served.assignment.experiment.id,
+                response_id=served.response_id,
+                arm=served.assignment.model,
+                user_hash=served.assignment.user_hash,
+                latency_ms=served.latency_ms,
+                prompt_tokens=served.prompt_tokens,
+                completion_tokens=served.completion_tokens,
+                finish_reason=served.finish_reason,
+                prompt=served.prompt if keep else None,
+                response=served.text if keep else None,
+            )
+
+    def _judge(self, judge: str, group: list[Served]) -> None:
+        try:
+            verdicts = self._verdicts(judge, [s.prompt for s in group], [s.text for s in group])
+            results = [
+                {"unsafe": v.unsafe, "unsafe_score": round(v.score, 4), "refused": v.refused}
+                for v in verdicts
+            ]
+        except Exception as exc:
+            log.warning("judge %r failed; %d outcome(s) stay unjudged: %s", judge, len(group), exc)
+            results = [{"error": f"judge {judge!r} failed: {exc}"}] * len(group)
+        for served, result in zip(group, results, strict=True):
+
+            def store(served: Served = served, result: dict = result) -> None:
+                with self._sessions() as session:
+                    crud.judge_outcome(session=session, response_id=served.response_id, **result)
+
+            self._retrying(store)
+
+    def _retrying(self, write: Callable[[], None]) -> bool:
+        """Run a store write, retrying while the database is unavailable, for `retry_s`."""
+        deadline = time.monotonic() + self._retry_s
+        delay = 0.1
+        while True:
+            try:
+                write()
+                return True
+            except IntegrityError as exc:  # not the database's health: retrying cannot help
+                log.error("could not write an experiment outcome: %s", exc)
+                return False
+            except SQLAlchemyError as exc:
+                if time.monotonic() + delay > deadline:
+                    log.error("gave up writing an experiment outcome: %s", exc)
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _settle(self, batch: list[Served], *, dropped: bool) -> None:
+        with self._settled:
+            for served in batch:
+                self._pending.discard(served.response_id)
+            if dropped:
+                self.dropped += len(batch)
+            else:
+                self.recorded += len(batch)
+            self._settled.notify_all()
