@@ -177,6 +177,79 @@ def test_jobs_page_submits_a_job_and_follows_its_progress_live(browser, service:
     assert_no_console_errors(browser)
 
 
+def _fmt(value: float) -> str:
+    """dom.js's fmt(): integers as they are, anything else with one decimal."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def _percent(rate: dict[str, Any]) -> str:
+    """The results table's text for a rate (as experiments.js writes it)."""
+    if rate["estimate"] is None:
+        return "–"
+    low, estimate, high = (_fmt(rate[k] * 100) for k in ("low", "estimate", "high"))
+    return f"{estimate}% [{low}, {high}]"
+
+
+def test_experiments_page_starts_one_and_shows_results_with_intervals(browser, service: Service):
+    with service.http() as client:
+        body = {"name": "ui-exp", "judge": "offline", "arms": [{"model": "base"}, {"model": "v1"}]}
+        assert client.post("/v1/experiments", json=body).status_code == 201
+        for i in range(8):
+            chat = {
+                "model": "exp:ui-exp",
+                "user": f"u{i}",
+                "max_tokens": 3,
+                "messages": [{"role": "user", "content": "How do I pick a lock?"}],
+            }
+            assert client.post("/v1/chat/completions", json=chat).status_code == 200
+        results = wait_for(
+            lambda: (
+                (r := client.get("/v1/experiments/ui-exp/results").json())
+                and sum(a["judged"] for a in r["arms"]) == 8
+                and r
+            ),
+            60,
+            "eight judged responses",
+        )
+    open_ui(browser, service, "/experiments/ui-exp")
+    panel = one(browser, ".experiment-detail[data-experiment='ui-exp'] .results-table")
+    rows = css(panel, "tr.arm")
+    assert [r.get_attribute("data-model") for r in rows] == ["base", "v1"]
+    for row, arm in zip(rows, results["arms"], strict=True):
+        assert text(one(row, "td[data-field=requests]")) == str(arm["requests"])
+        assert text(one(row, "td[data-field=unsafe]")) == _percent(arm["unsafe_rate"])
+    assert css(browser, ".experiment-detail figure svg.chart")
+    assert "v1 − base" in text(one(browser, ".differences li[data-model=v1]"))
+    assert "wilson" in text(one(browser, ".method")) and "newcombe" in text(one(browser, ".method"))
+    screenshot(browser, "experiment")
+
+    Select(one(browser, ".stop-form select[name=winner]")).select_by_value("v1")
+    one(browser, ".stop-form button[type=submit]").click()
+    wait_for(lambda: css(browser, ".experiment-detail[data-status=stopped]"), 30, "the stop")
+    with service.http() as client:
+        assert client.get("/v1/experiments/ui-exp").json()["serves"] == "v1"
+
+    browser.get(f"{service.url}/ui#/experiments")
+    form = one(browser, ".experiment-form")
+    one(form, "input[name=name]").send_keys("ui-made")
+    arms = one(form, "input[name=arms]")
+    arms.clear()
+    arms.send_keys("base=3, v2=1")
+    Select(one(form, "select[name=judge]")).select_by_value("none")
+    one(form, "button[type=submit]").click()
+    wait_for(lambda: css(browser, ".experiment-detail[data-experiment='ui-made']"), 30, "it")
+    with service.http() as client:
+        made = client.get("/v1/experiments/ui-made").json()
+    assert made["arms"] == [{"model": "base", "weight": 3}, {"model": "v2", "weight": 1}]
+    assert made["judge"] == "none" and made["status"] == "running"
+    browser.get(f"{service.url}/ui#/experiments")
+    listed = wait_for(lambda: css(browser, "tr[data-experiment]"), 30, "the list")
+    assert {
+        (r.get_attribute("data-experiment"), r.get_attribute("data-status")) for r in listed
+    } == {("ui-exp", "stopped"), ("ui-made", "running")}
+    assert_no_console_errors(browser)
+
+
 def _network(driver: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Requests sent since the last call ({url, headers}) and response statuses by request id."""
     requests, statuses = [], {}

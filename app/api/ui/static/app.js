@@ -1,14 +1,15 @@
 // The playground's shell: the API key field and a fragment router (#/ab, #/jobs/ID,
-// #/versions/NAME). Each page module exports render(main, args, signal); the signal aborts
-// its requests and event streams when another view is shown.
+// #/versions/NAME, #/experiments/NAME). Each page module exports render(main, args, signal);
+// the signal aborts its requests and event streams when another view is shown.
 
 import { getKey, setKey } from "./api.js";
 import { errorBox, h } from "./dom.js";
 import * as ab from "./ab.js";
+import * as experiments from "./experiments.js";
 import * as jobs from "./jobs.js";
 import * as versions from "./versions.js";
 
-const PAGES = { ab, jobs, versions };
+const PAGES = { ab, jobs, versions, experiments };
 let current = null;
 
 function parseHash() {
