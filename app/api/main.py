@@ -102,7 +102,11 @@ def create_app(
     app.state.registry, latency = new_registry()
     app.add_middleware(RequestObserver, latency=latency)  # outermost: sees every answer
     app.state.registry.register(
-        ServiceCollector(lambda: app.state.sessionmaker, lambda: app.state.serving)
+        ServiceCollector(
+            lambda: app.state.sessionmaker,
+            lambda: app.state.serving,
+            lambda: app.state.outcomes,
+        )
     )
     routers = [
         m.router for m in (health, jobs, versions, corpora, experiments, generation, keys, metrics)

@@ -34,6 +34,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import logs
+from app.experiments.service import OutcomeRecorder
 from app.serving.provider import ServingProvider
 from app.store.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES, Job
 
@@ -109,9 +110,11 @@ class ServiceCollector:
         self,
         sessions: Callable[[], sessionmaker[Session]],
         serving: Callable[[], ServingProvider],
+        outcomes: Callable[[], OutcomeRecorder] | None = None,
     ):
-        self._sessions = sessions  # callables: the app makes both when it starts
+        self._sessions = sessions  # callables: the app makes them when it starts
         self._serving = serving
+        self._outcomes = outcomes
 
     def describe(self) -> list[Metric]:
         return []  # computed at collect time only: nothing to describe up front
@@ -119,6 +122,7 @@ class ServiceCollector:
     def collect(self) -> Iterator[Metric]:
         yield from self._store_metrics()
         yield from self._engine_metrics()
+        yield from self._experiment_metrics()
 
     def _store_metrics(self) -> Iterator[Metric]:
         with self._sessions()() as session:
@@ -155,6 +159,20 @@ class ServiceCollector:
             misses.add_metric([], engine.cache.loads)
             size.add_metric([], len(engine.cache))
         yield from (tokens, hits, misses, size)
+
+    def _experiment_metrics(self) -> Iterator[Metric]:
+        recorder = self._outcomes() if self._outcomes is not None else None
+        recorded = CounterMetricFamily(
+            "detox_experiment_outcomes_recorded", "Experiment responses recorded in the store"
+        )
+        dropped = CounterMetricFamily(
+            "detox_experiment_outcomes_dropped",
+            "Experiment responses not recorded (queue full, or the database stayed down)",
+        )
+        if recorder is not None:
+            recorded.add_metric([], recorder.recorded)
+            dropped.add_metric([], recorder.dropped)
+        yield from (recorded, dropped)
 
 
 def _job_durations(rows: list[Any]) -> Metric:

@@ -17,6 +17,7 @@ from app.api.main import create_app
 from app.serving.engine import Engine as ServingEngine
 from app.settings import Settings
 from tests.api.conftest import assert_error
+from tests.api.test_observability import scrape, value
 from tests.api.serving_app import LengthJudge, sse_events
 from tests.factories import tiny_model
 from tests.services import AUTH
@@ -146,6 +147,9 @@ def test_outcomes_are_judged_and_results_match_a_reference(api):
     outcomes = api.get("/v1/experiments/e1/outcomes", params={"limit": 1000}).json()["data"]
     assert all(o["judged"] and o["judge_error"] is None for o in outcomes)
     assert all(o["prompt"] is None and o["response"] is None for o in outcomes)  # no text kept
+    samples = scrape(api)
+    assert value(samples, "detox_experiment_outcomes_recorded_total") == len(ids)
+    assert value(samples, "detox_experiment_outcomes_dropped_total") == 0
 
     results = api.get("/v1/experiments/e1/results").json()
     assert results["method"]["rate"] == "wilson" and results["method"]["difference"] == "newcombe"
