@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from app.serving.errors import UnknownModelError
 from app.serving.protocol import (
     AbArm,
     AbRequest,
@@ -137,8 +138,16 @@ class OpenAIServing:
         assignment = None
         if self.experiments is not None:
             assignment = self.experiments.route(request.model, request.user)
-        model = assignment.model if assignment is not None else request.model
-        return assignment, self.engine.target(model), encode()
+        if assignment is None:
+            return None, self.engine.target(request.model), encode()
+        try:
+            target = self.engine.target(assignment.model)
+        except UnknownModelError:
+            raise UnknownModelError(
+                f"{request.model}'s arm {assignment.model!r} is no longer served (retired?); "
+                "stop the experiment, naming another arm as its winner"
+            ) from None
+        return assignment, target, encode()
 
     def _recorder(
         self, assignment: Assignment | None, rid: str, prompt: str, start: float

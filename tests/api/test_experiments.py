@@ -17,8 +17,8 @@ from app.api.main import create_app
 from app.serving.engine import Engine as ServingEngine
 from app.settings import Settings
 from tests.api.conftest import assert_error
-from tests.api.test_observability import scrape, value
 from tests.api.serving_app import LengthJudge, sse_events
+from tests.api.test_observability import scrape, value
 from tests.factories import tiny_model
 from tests.services import AUTH
 from tests.serving.conftest import random_delta, store_version
@@ -252,3 +252,16 @@ def test_a_failing_judge_never_fails_a_generation(
         assert all(
             a["judged"] == 0 and a["unsafe_rate"]["estimate"] is None for a in results["arms"]
         )
+
+
+def test_an_arm_whose_version_was_retired_says_so(api):
+    create(api, arms=[{"model": "v2"}, {"model": "v1", "weight": 0}])
+    assert api.delete("/v1/versions/v2").status_code == 200
+    error = assert_error(
+        api.post("/v1/chat/completions", json={"model": "exp:e1", "messages": MESSAGES}),
+        404,
+        param="model",
+    )
+    assert "exp:e1's arm 'v2' is no longer served" in error["message"]
+    stopped = api.post("/v1/experiments/e1/stop", json={"winner": "v1"}).json()
+    assert chat(api, "anyone")["model"] == stopped["serves"] == "v1"

@@ -249,3 +249,57 @@ def _wait_for_progress(service: Processes, job_id: str) -> None:
             assert job["status"] in ("queued", "running"), job
             time.sleep(0.1)
     raise AssertionError(f"the job never made progress:\n{service.logs()}")
+
+
+def test_an_experiment_serves_through_a_database_outage_and_records_it_after(
+    tmp_path, postgres, broker, tiny_model_dir
+):
+    from app.ml.models import load_model
+    from tests.serving.conftest import random_delta, store_version
+
+    url = postgres.create_database("detox")
+    home = tmp_path / "home"
+    home.mkdir()
+    service = Processes(home, {
+        "DETOX_DATABASE_URL": url, "DETOX_BROKER_URL": broker.url(),
+        "DETOX_MODEL": str(tiny_model_dir), "DETOX_RATE_LIMIT_PER_MINUTE": "0",
+    })  # fmt: skip
+    service.start_api()
+    service.wait_ready(60, path="/healthz")
+    engine = make_engine(url)
+    try:
+        lm = load_model(str(tiny_model_dir), device="cpu")
+        store_version(make_sessionmaker(engine), lm, random_delta(lm, layer=1, seed=1), name="v1")
+        with service.http() as http:
+            body = {"name": "e1", "judge": "offline", "arms": [{"model": "base"}, {"model": "v1"}]}
+            assert http.post("/v1/experiments", json=body).status_code == 201
+
+            def ask(user: str) -> httpx.Response:
+                return http.post("/v1/chat/completions", json={
+                    "model": "exp:e1", "user": user, "max_tokens": 2,
+                    "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+
+            warm, served = 0, set()
+            while served != {"base", "v1"}:  # both arms loaded before the outage
+                answer = ask(f"warm-{warm}")
+                assert answer.status_code == 200 and warm < 40, (answer.text, service.logs())
+                served.add(answer.json()["model"])
+                warm += 1
+            postgres.stop()
+            during = [ask(f"user-{i}") for i in range(6)]
+            assert [r.status_code for r in during] == [200] * 6, [r.text for r in during]
+            time.sleep(2)
+            postgres.start()
+            deadline = time.monotonic() + 60
+            while True:
+                response = http.get("/v1/experiments/e1/results")
+                if response.status_code == 200:
+                    arms = response.json()["arms"]
+                    if sum(a["judged"] for a in arms) == warm + 6:
+                        break
+                assert time.monotonic() < deadline, (response.text, service.logs())
+                time.sleep(0.5)
+            assert sum(a["requests"] for a in arms) == warm + 6  # nothing lost, nothing twice
+    finally:
+        engine.dispose()
+        service.stop()
