@@ -81,9 +81,34 @@ def stop_experiment(*, session: Session, name: str, winner: str | None) -> Exper
     return experiment
 
 
-def record_outcome(*, session: Session, experiment_id: int, **fields: Any) -> ExperimentOutcome:
-    """A served response's row (unjudged); `fields` are ExperimentOutcome's columns."""
-    outcome = ExperimentOutcome(experiment_id=experiment_id, **fields)
+def record_outcome(
+    *,
+    session: Session,
+    experiment_id: int,
+    response_id: str,
+    arm: str,
+    user_hash: str | None,
+    latency_ms: float,
+    prompt_tokens: int,
+    completion_tokens: int,
+    finish_reason: str | None,
+    prompt: str | None = None,
+    response: str | None = None,
+) -> ExperimentOutcome:
+    """A served response's row, unjudged (`prompt` and `response`: only if the experiment keeps
+    text)."""
+    outcome = ExperimentOutcome(
+        experiment_id=experiment_id,
+        response_id=response_id,
+        arm=arm,
+        user_hash=user_hash,
+        latency_ms=latency_ms,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        finish_reason=finish_reason,
+        prompt=prompt,
+        response=response,
+    )
     session.add(outcome)
     session.commit()
     return outcome

@@ -155,7 +155,13 @@ def test_jobs_page_submits_a_job_and_follows_its_progress_live(browser, service:
         events = _events(panel)
         return status in TERMINAL or (status == "running" and events[-1][2] > 0.3)
 
-    wait_for(mid_run, 240, "the job to run")
+    try:
+        wait_for(mid_run, 240, "the job to run")
+    except AssertionError as exc:  # say what the page and the service saw
+        with service.http() as client:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+        seen = (panel.get_attribute("data-status"), _events(panel)[-3:])
+        raise AssertionError(f"{exc}; page: {seen}; job: {job}\n{service.logs()}") from None
     screenshot(browser, "jobs-running")
     wait_for(lambda: panel.get_attribute("data-status") in TERMINAL, 300, "the job to finish")
     assert panel.get_attribute("data-status") == "succeeded", service.logs()
