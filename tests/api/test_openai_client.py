@@ -55,6 +55,38 @@ def test_openai_client_plain_and_streaming(base_url):
     assert caught.value.body["param"] == "model"
 
 
+def test_openai_client_in_an_experiment(tmp_path):
+    with live_server(tmp_path) as (url, app):
+        made = httpx.post(
+            f"{url}/v1/experiments",
+            headers=AUTH,
+            json={
+                "name": "oa",
+                "judge": "offline",
+                "arms": [{"model": "base"}, {"model": "safe1"}],
+            },
+        )
+        assert made.status_code == 201, made.text
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "Say something."}]
+        served = {}
+        for user in ("ann", "bo", "cy", "di", "ed", "fay"):
+            answer = client.chat.completions.create(
+                model="exp:oa", messages=messages, max_tokens=4, user=user
+            )
+            again = client.chat.completions.create(
+                model="exp:oa", messages=messages, max_tokens=4, user=user, stream=True
+            )
+            chunks = list(again)
+            assert {chunk.model for chunk in chunks} == {answer.model}  # the user's one arm
+            served[answer.id] = served[chunks[0].id] = answer.model
+        assert set(served.values()) <= {"base", "safe1"}
+        for response_id in served:
+            app.state.outcomes.wait(response_id, 30)
+        results = httpx.get(f"{url}/v1/experiments/oa/results", headers=AUTH).json()
+        assert sum(arm["requests"] for arm in results["arms"]) == 12  # streamed ones too
+
+
 def test_a_client_that_disconnects_frees_its_slot(tmp_path):
     with live_server(tmp_path, serving_max_tokens=240) as (url, app):
         body = {"model": "base", "prompt": "a", "max_tokens": 240, "temperature": 0,
