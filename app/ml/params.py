@@ -81,6 +81,13 @@ class DinmParams(Params):
         le=100,
         description="stop early once every safe-response NLL is below this (0: off)",
     )
+    stop_match: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="stop early once, after every trained prompt, the first N safe-response "
+        "tokens are each the most likely next token (greedy decoding starts with them; 0: off)",
+    )
     train_on_question: bool = Field(
         False,
         description="also train the safe response after the instance's bare `question` (if any)",
@@ -98,6 +105,13 @@ class DinmParams(Params):
         description="benign retain prompts per step: the set is shuffled once (fixed seed) and "
         "cut into groups of this size, taken in turn",
     )
+    benign_projection: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="keep the update off the input directions holding this share of the energy "
+        "of the benign retain set's inputs to the edited projection (0: off)",
+    )
     answer_tokens: int | None = Field(
         None,
         ge=1,
@@ -106,6 +120,13 @@ class DinmParams(Params):
     )
     layers: int = Field(
         1, ge=1, le=8, description="edit the MLP output projection of the top-k located layers"
+    )
+    locate_skip: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="leading response positions left out of the locating distance (the first "
+        "is an attention sink; 0: the paper's locator)",
     )
     layer: int | None = Field(None, ge=0, description="edit this layer instead of locating one")
     suffix_system_prompt: str | None = Field(
