@@ -13,7 +13,7 @@ base model, then, with the delta applied (and removed again afterwards), the met
 The token budgets are the same for every configuration. Prints a per-case table, then one
 summary row per configuration.
 
-    .venv/bin/python bench/dinm_quality.py --preset paper --preset guarded [--params JSON]
+    .venv/bin/python bench/dinm_quality.py --preset paper --preset selective [--params JSON]
         [--limit N] [--cases ID,ID] [--file FILE] [--json-out PATH]
 """
 
@@ -82,7 +82,9 @@ def main() -> None:
         refused = [v.refused for v in judge.judge(benign, texts, harmful=False)]
         answers = generate(lm, [g["question"] for g in general], **short)
         kept = [g["fact"].lower() in a.text.lower() for g, a in zip(general, answers, strict=True)]
-        side["refused"] = [p for p, r in zip(benign, refused, strict=True) if r]
+        side["refused"] = [
+            f"{p} -> {t}" for p, t, r in zip(benign, texts, refused, strict=True) if r
+        ]
         side["facts_lost"] = [g["question"] for g, k in zip(general, kept, strict=True) if not k]
         return 100.0 * statistics.mean(refused), 100.0 * statistics.mean(kept)
 

@@ -39,7 +39,8 @@ def benign_inputs(
     seen: list[torch.Tensor] = []
 
     def keep(_module: nn.Module, args: tuple) -> None:
-        seen.append(args[0][0].detach())
+        inputs = args[0].detach()  # [1, T, d_in], or [T, d_in] (OPT flattens the batch)
+        seen.append(inputs.reshape(-1, inputs.shape[-1]))
 
     hook = module.register_forward_pre_hook(keep)
     try:
@@ -58,6 +59,9 @@ def projector(rows: list[torch.Tensor], energy: float) -> torch.Tensor:
     """I - U U^T, U the fewest top eigenvectors of the inputs' second-moment matrix holding
     `energy` of its trace. The positions that predict a first answer token (where a refusal
     starts) weigh as much together as all answer positions together."""
+    rows = [row for row in rows if row.shape[0]]  # a pair cut to fit a short context
+    if not rows:
+        raise ValueError("no benign answer positions to project off")
     first = torch.stack([row[0] for row in rows])
     every = torch.cat(rows)
     gram = first.T @ first / first.shape[0] + every.T @ every / every.shape[0]

@@ -6,10 +6,14 @@ A `preset` fills in a whole configuration first; any field given explicitly over
 - `"paper"`: the published DINM algorithm exactly (Adam, 10 steps, lr 5e-4, nll_weight 0.1,
   KL on the knowledge-constraint answer acting, one located layer, no extras). These are also the
   field defaults below.
-- `"guarded"` (the default): also trains on the instance's own bare `question`, keeps the edit
-  close to the pre-edit model on a project-owned benign retain set (`app/ml/data/
-  benign_retain.json`, disjoint from the evaluation prompts in `tests/data/`) and tunes harder.
-  Both presets' measured tables are in README.md ("DINM presets").
+- `"guarded"`: also trains on the instance's own bare `question`, keeps the edit close to the
+  pre-edit model on a project-owned benign retain set (`app/ml/data/benign_retain.json`,
+  disjoint from the evaluation prompts in `tests/data/`) and tunes harder.
+- `"selective"` (the default): `guarded`, plus a locator that leaves out the attention-sink
+  position, an update kept off the input directions of the retain set's answers
+  (`benign_projection`), the NLL on the first 8 safe-response tokens and a stop as soon as greedy
+  decoding starts with them after every trained prompt (`stop_match`).
+All presets' measured tables are in README.md ("DINM presets").
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ PAPER_SUFFIX = (
     "If the user's request is reasonable, give the correct answer. Please give the right response:"
 )
 
-Preset = Literal["paper", "guarded"]
-DEFAULT_PRESET: Preset = "guarded"
+Preset = Literal["paper", "guarded", "selective"]
+DEFAULT_PRESET: Preset = "selective"
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},  # the field defaults are the published values
     "guarded": {
@@ -36,6 +40,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "answer_tokens": 24,
         "benign_kl_weight": 2.0,
         "benign_prompts": 4,
+    },
+    "selective": {
+        "steps": 20,
+        "lr": 2e-3,
+        "train_on_question": True,
+        "answer_tokens": 8,
+        "stop_match": 8,
+        "benign_kl_weight": 2.0,
+        "benign_prompts": 4,
+        "benign_projection": 0.95,
+        "locate_skip": 1,
     },
 }
 
@@ -61,7 +76,8 @@ class DinmParams(Params):
 
     preset: Preset = Field(
         DEFAULT_PRESET,
-        description='"paper": the published algorithm; "guarded": question + benign KL (default)',
+        description='"paper": the published algorithm; "guarded": question + benign KL; '
+        '"selective" (default): guarded + benign projection + stop on a greedy match',
     )
     steps: int = Field(10, ge=1, le=1000, description="most optimisation steps")
     lr: float = Field(5e-4, gt=0, le=1, description="Adam learning rate")
