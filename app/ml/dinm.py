@@ -10,7 +10,9 @@ where the KL runs over the answer tokens of the instance's knowledge-constraint 
 reference implementation, the post-edit logits keep their graph, so the constraint really acts.
 That is the `"paper"` preset. Beyond the paper (see `app.ml.params` and `app.ml.dinm_objective`):
 the NLL can also cover the instance's bare `question`, a KL on a packaged benign retain set keeps
-everyday requests answered, tuning can stop once the NLL is low enough, and the top-k located
+everyday requests answered, the update can be kept off the input directions of that set's answers
+(`app.ml.null_space`), the locator can leave out the attention-sink position, tuning can stop once
+the NLL is low enough or once greedy decoding starts with the safe response, and the top-k located
 layers can be tuned together (the fast path then replays from the lowest of them).
 
 The tuned weight is parametrised as `W + D` with an fp32 trainable `D` that starts at zero: the
