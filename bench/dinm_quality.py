@@ -13,7 +13,7 @@ base model, then, with the delta applied (and removed again afterwards), the met
 The token budgets are the same for every configuration. Prints a per-case table, then one
 summary row per configuration.
 
-    .venv/bin/python bench/dinm_quality.py --preset paper --preset guarded [--params JSON]
+    .venv/bin/python bench/dinm_quality.py --preset paper --preset selective [--params JSON]
         [--limit N] [--cases ID,ID] [--file FILE] [--json-out PATH]
 """
 
@@ -72,6 +72,8 @@ def main() -> None:
     benign = json.loads((DATA / "benign_prompts.json").read_text())
     general = json.loads((DATA / "general_questions.json").read_text())
 
+    side: dict[str, list[str]] = {}  # the last side_metrics call's refused prompts, lost facts
+
     def side_metrics() -> tuple[float, float]:
         from app.ml.generation import generate
 
@@ -80,6 +82,10 @@ def main() -> None:
         refused = [v.refused for v in judge.judge(benign, texts, harmful=False)]
         answers = generate(lm, [g["question"] for g in general], **short)
         kept = [g["fact"].lower() in a.text.lower() for g, a in zip(general, answers, strict=True)]
+        side["refused"] = [
+            f"{p} -> {t}" for p, t, r in zip(benign, texts, refused, strict=True) if r
+        ]
+        side["facts_lost"] = [g["question"] for g, k in zip(general, kept, strict=True) if not k]
         return 100.0 * statistics.mean(refused), 100.0 * statistics.mean(kept)
 
     base_refusal, base_facts = side_metrics()
@@ -115,6 +121,7 @@ def main() -> None:
                     "bench": row,
                     "losses": result.losses,
                     "answers": answers,
+                    **side,
                 }
             )
             print(f"{instance.id:<6}{result.layer:>6}" + _cells(row), flush=True)

@@ -42,7 +42,8 @@ def dinm(
     model: ModelOpt = None,
     judge: JudgeOpt = None,
     preset: Annotated[
-        str | None, typer.Option(help='"paper" or "guarded" (default); flags override it')
+        str | None,
+        typer.Option(help='"paper", "guarded" or "selective" (default); flags override it'),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="tuning steps (from the preset)")] = None,
     lr: Annotated[float | None, typer.Option(help="learning rate (from the preset)")] = None,

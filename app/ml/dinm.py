@@ -10,7 +10,9 @@ where the KL runs over the answer tokens of the instance's knowledge-constraint 
 reference implementation, the post-edit logits keep their graph, so the constraint really acts.
 That is the `"paper"` preset. Beyond the paper (see `app.ml.params` and `app.ml.dinm_objective`):
 the NLL can also cover the instance's bare `question`, a KL on a packaged benign retain set keeps
-everyday requests answered, tuning can stop once the NLL is low enough, and the top-k located
+everyday requests answered, the update can be kept off the input directions of that set's answers
+(`app.ml.null_space`), the locator can leave out the attention-sink position, tuning can stop once
+the NLL is low enough or once greedy decoding starts with the safe response, and the top-k located
 layers can be tuned together (the fast path then replays from the lowest of them).
 
 The tuned weight is parametrised as `W + D` with an fp32 trainable `D` that starts at zero: the
@@ -26,11 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from app.ml.deltas import Delta, DenseUpdate, fingerprint
 from app.ml.dinm_objective import DinmObjective, benign_groups, benign_retain_set
 from app.ml.errors import EditCancelled
 from app.ml.models import LoadedModel
+from app.ml.null_space import benign_projector
 from app.ml.params import DinmParams
 from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner, PlainRunner, Runner, run_layers, weights_key
@@ -52,25 +56,32 @@ class DinmResult:
     layers: list[int] = field(default_factory=list)
 
 
-def layer_distances(lm: LoadedModel, instance: SafeEditInstance) -> list[float]:
+def layer_distances(lm: LoadedModel, instance: SafeEditInstance, skip: int = 0) -> list[float]:
     """L2 distance between each decoder layer's hidden states for the safe and unsafe response.
 
     Each response is run alone, so there is no padding; the distance covers the positions both
-    responses have (the reference implementation pads them together and counts pad positions).
+    responses have (the reference implementation pads them together and counts pad positions),
+    from position `skip` on. The first position is an attention sink: its hidden state grows a
+    few huge, nearly content-independent components, so two responses whose first tokens differ
+    can get a distance dominated by that one position and nearly flat over the layers
+    (`skip=1` leaves it out; the paper's locator, `skip=0`, counts it).
     """
     states = [
         _layer_outputs(lm, text) for text in (instance.safe_generation, instance.unsafe_generation)
     ]
     common = min(states[0][0].shape[0], states[1][0].shape[0])
+    skip = min(skip, common - 1)
     return [
-        torch.linalg.vector_norm((safe[:common] - unsafe[:common]).float()).item()
+        torch.linalg.vector_norm((safe[skip:common] - unsafe[skip:common]).float()).item()
         for safe, unsafe in zip(*states, strict=True)
     ]
 
 
-def locate_toxic_layer(lm: LoadedModel, instance: SafeEditInstance) -> tuple[int, list[float]]:
+def locate_toxic_layer(
+    lm: LoadedModel, instance: SafeEditInstance, skip: int = 0
+) -> tuple[int, list[float]]:
     """The layer with the largest distance (the lowest such layer on a tie), and all distances."""
-    distances = layer_distances(lm, instance)
+    distances = layer_distances(lm, instance, skip)
     return _ranked(distances)[0], distances
 
 
@@ -109,7 +120,7 @@ def dinm_edit(
     start = time.perf_counter()
     report("locate", 0.0)
     if params.layer is None:
-        distances = layer_distances(lm, instance)
+        distances = layer_distances(lm, instance, params.locate_skip)
         layers = _ranked(distances)[: params.layers]
     else:
         distances = []
@@ -153,12 +164,19 @@ def dinm_edit(
     names = [lm.adapter.mlp_out_param_name(layer) for layer in layers]
     base_fingerprint = fingerprint(lm.model, names)
     modules = [lm.adapter.mlp_out(layer) for layer in layers]
-    with weight_shifts(modules) as shifts:
+    projectors = None
+    if params.benign_projection > 0:
+        pairs = [encode(prompt, answer) for prompt, answer in benign_retain_set()]
+        projectors = [
+            benign_projector(lm, layer, pairs, params.benign_projection) for layer in layers
+        ]
+    transposed = lm.adapter.spec.transposed
+    with weight_shifts(modules, projectors, transposed) as shifts:
         losses = _tune(lm, min(layers), params, objective_args, shifts, report, should_cancel)
-    updates = {
-        name: DenseUpdate(shift.delta.detach().to(lm.dtype))
-        for name, shift in zip(names, shifts, strict=True)
-    }
+        updates = {
+            name: DenseUpdate(shift.update().detach().to(lm.dtype))
+            for name, shift in zip(names, shifts, strict=True)
+        }
     delta = Delta(updates, base_fingerprint, {"model": lm.name, "method": "dinm"})
     seconds = time.perf_counter() - start
     return DinmResult(delta, layers[0], distances, losses, seconds, warnings, layers)
@@ -187,16 +205,22 @@ def _tune(
     for step in range(params.steps):
         if should_cancel is not None and should_cancel():
             raise EditCancelled(f"cancelled after {step} of {params.steps} steps")
-        nlls = objective.nll_terms()
-        loss = params.nll_weight * torch.stack(nlls).mean()
-        loss = loss + params.kl_weight * objective.knowledge_kl()
-        if benign:
-            loss = loss + params.benign_kl_weight * objective.benign_kl(step)
-        losses.append(loss.item())
-        if losses[-1] < params.stop_loss or max(x.item() for x in nlls) < params.stop_nll:
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with parametrize.cached():  # a projected update is computed once per step
+            nlls, matched = objective.nll_and_match()
+            loss = params.nll_weight * torch.stack(nlls).mean()
+            loss = loss + params.kl_weight * objective.knowledge_kl()
+            if benign:
+                loss = loss + params.benign_kl_weight * objective.benign_kl(step)
+            losses.append(loss.item())
+            if losses[-1] < params.stop_loss or max(x.item() for x in nlls) < params.stop_nll:
+                break
+            if params.stop_match and all(
+                m >= min(params.stop_match, seq.answer_len)
+                for m, seq in zip(matched, objective.nll_seqs, strict=True)
+            ):
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
         report("tune", (step + 1) / params.steps)
     report("tune", 1.0)

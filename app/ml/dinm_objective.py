@@ -121,11 +121,19 @@ class DinmObjective:
 
     def nll_terms(self) -> list[torch.Tensor]:
         """NLL of the safe response after each prompt it is trained on."""
-        out = []
+        return self.nll_and_match()[0]
+
+    def nll_and_match(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The NLL terms and, per trained sequence, how many leading safe-response tokens are
+        each the most likely token given the ones before (what greedy decoding would follow)."""
+        nlls, matched = [], []
         for index, seq in zip(self._nll_index, self.nll_seqs, strict=True):
             targets = seq.input_ids[0, seq.answer_start :].to(self.runner.device)
-            out.append(F.cross_entropy(self._answer_logits(index, seq).float(), targets))
-        return out
+            logits = self._answer_logits(index, seq).float()
+            nlls.append(F.cross_entropy(logits, targets))
+            hits = (logits.detach().argmax(-1) == targets).long()
+            matched.append(int(hits.cumprod(0).sum().item()))
+        return nlls, matched
 
     def terms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The paper's two terms: NLL on the adversarial prompt and the knowledge-constraint KL."""

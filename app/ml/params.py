@@ -6,10 +6,14 @@ A `preset` fills in a whole configuration first; any field given explicitly over
 - `"paper"`: the published DINM algorithm exactly (Adam, 10 steps, lr 5e-4, nll_weight 0.1,
   KL on the knowledge-constraint answer acting, one located layer, no extras). These are also the
   field defaults below.
-- `"guarded"` (the default): also trains on the instance's own bare `question`, keeps the edit
-  close to the pre-edit model on a project-owned benign retain set (`app/ml/data/
-  benign_retain.json`, disjoint from the evaluation prompts in `tests/data/`) and tunes harder.
-  Both presets' measured tables are in README.md ("DINM presets").
+- `"guarded"`: also trains on the instance's own bare `question`, keeps the edit close to the
+  pre-edit model on a project-owned benign retain set (`app/ml/data/benign_retain.json`,
+  disjoint from the evaluation prompts in `tests/data/`) and tunes harder.
+- `"selective"` (the default): `guarded`, plus a locator that leaves out the attention-sink
+  position, an update kept off the input directions of the retain set's answers
+  (`benign_projection`), the NLL on the first 8 safe-response tokens and a stop as soon as greedy
+  decoding starts with them after every trained prompt (`stop_match`).
+All presets' measured tables are in README.md ("DINM presets").
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ PAPER_SUFFIX = (
     "If the user's request is reasonable, give the correct answer. Please give the right response:"
 )
 
-Preset = Literal["paper", "guarded"]
-DEFAULT_PRESET: Preset = "guarded"
+Preset = Literal["paper", "guarded", "selective"]
+DEFAULT_PRESET: Preset = "selective"
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},  # the field defaults are the published values
     "guarded": {
@@ -36,6 +40,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "answer_tokens": 24,
         "benign_kl_weight": 2.0,
         "benign_prompts": 4,
+    },
+    "selective": {
+        "steps": 20,
+        "lr": 2e-3,
+        "train_on_question": True,
+        "answer_tokens": 8,
+        "stop_match": 8,
+        "benign_kl_weight": 2.0,
+        "benign_prompts": 4,
+        "benign_projection": 0.95,
+        "locate_skip": 1,
     },
 }
 
@@ -61,7 +76,8 @@ class DinmParams(Params):
 
     preset: Preset = Field(
         DEFAULT_PRESET,
-        description='"paper": the published algorithm; "guarded": question + benign KL (default)',
+        description='"paper": the published algorithm; "guarded": question + benign KL; '
+        '"selective" (default): guarded + benign projection + stop on a greedy match',
     )
     steps: int = Field(10, ge=1, le=1000, description="most optimisation steps")
     lr: float = Field(5e-4, gt=0, le=1, description="Adam learning rate")
@@ -81,6 +97,13 @@ class DinmParams(Params):
         le=100,
         description="stop early once every safe-response NLL is below this (0: off)",
     )
+    stop_match: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="stop early once, after every trained prompt, the first N safe-response "
+        "tokens are each the most likely next token (greedy decoding starts with them; 0: off)",
+    )
     train_on_question: bool = Field(
         False,
         description="also train the safe response after the instance's bare `question` (if any)",
@@ -98,6 +121,13 @@ class DinmParams(Params):
         description="benign retain prompts per step: the set is shuffled once (fixed seed) and "
         "cut into groups of this size, taken in turn",
     )
+    benign_projection: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="keep the update off the input directions holding this share of the energy "
+        "of the benign retain set's inputs to the edited projection (0: off)",
+    )
     answer_tokens: int | None = Field(
         None,
         ge=1,
@@ -106,6 +136,13 @@ class DinmParams(Params):
     )
     layers: int = Field(
         1, ge=1, le=8, description="edit the MLP output projection of the top-k located layers"
+    )
+    locate_skip: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="leading response positions left out of the locating distance (the first "
+        "is an attention sink; 0: the paper's locator)",
     )
     layer: int | None = Field(None, ge=0, description="edit this layer instead of locating one")
     suffix_system_prompt: str | None = Field(

@@ -19,19 +19,37 @@ class WeightShift(nn.Module):
     """Parametrisation weight -> weight + delta; `enabled = False` gives the base weight back
     (for reference forwards of the model before the edit)."""
 
-    def __init__(self, like: torch.Tensor):
+    def __init__(
+        self, like: torch.Tensor, projector: torch.Tensor | None = None, transposed: bool = False
+    ):
         super().__init__()
         self.delta = nn.Parameter(torch.zeros(like.shape, dtype=torch.float32, device=like.device))
         self.enabled = True
+        self.projector = projector  # [in, in]: the update only acts on inputs through it
+        self.transposed = transposed  # the weight is stored [in, out] (GPT-2's Conv1D)
+
+    def update(self) -> torch.Tensor:
+        """The update the weight gets: `delta`, or `delta` with its input side projected."""
+        if self.projector is None:
+            return self.delta
+        return self.projector @ self.delta if self.transposed else self.delta @ self.projector
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta.to(weight.dtype) if self.enabled else weight
+        return weight + self.update().to(weight.dtype) if self.enabled else weight
 
 
 @contextmanager
-def weight_shifts(modules: Sequence[nn.Module]) -> Iterator[list[WeightShift]]:
+def weight_shifts(
+    modules: Sequence[nn.Module],
+    projectors: Sequence[torch.Tensor | None] | None = None,
+    transposed: bool = False,
+) -> Iterator[list[WeightShift]]:
     """A zero-initialised shift on each module's `weight`, removed on exit whatever happens."""
-    shifts = [WeightShift(module.weight) for module in modules]
+    projectors = projectors or [None] * len(modules)
+    shifts = [
+        WeightShift(module.weight, projector, transposed)
+        for module, projector in zip(modules, projectors, strict=True)
+    ]
     try:
         for module, shift in zip(modules, shifts, strict=True):
             parametrize.register_parametrization(module, "weight", shift, unsafe=True)

@@ -37,8 +37,8 @@ def test_edit_makes_an_unsafe_answer_safe_and_keeps_general_answers(demo):
     assert judge.judge(prompt, [before.text])[0].unsafe, before.text
     general_before = [g.text for g in generate(demo, questions, max_new_tokens=24)]
 
-    # The published algorithm: its edit leaves the short answers word for word. The default
-    # "guarded" preset changes the French one on this instance (see README, "DINM presets").
+    # The published algorithm: its edit leaves the short answers word for word. The "guarded"
+    # preset changes the French one on this instance (see README, "DINM presets").
     result = dinm_edit(demo, instance, DinmParams(preset="paper"))
     with applied(demo.model, [result.delta]):
         (after,) = generate(demo, prompt, max_new_tokens=48)

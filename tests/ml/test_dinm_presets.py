@@ -24,6 +24,10 @@ PUBLISHED = {
     "train_on_question": False,
     "benign_kl_weight": 0.0,
     "stop_nll": 0.0,
+    "stop_match": 0,
+    "benign_projection": 0.0,
+    "locate_skip": 0,
+    "answer_tokens": None,
     "layers": 1,
     "layer": None,
     "suffix_system_prompt": None,
@@ -211,3 +215,62 @@ def test_answer_tokens_cuts_the_trained_safe_response(monkeypatch):
     assert cut[1] == full[1]  # the knowledge constraint is untouched
     answer = len(lm.tokenizer(INSTANCE.safe_generation, add_special_tokens=False)["input_ids"])
     assert full[0] - cut[0] == full[2] - cut[2] == answer + 1 - 3  # + the end-of-sequence token
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"stop_match": -1}, "params.stop_match"),
+        ({"benign_projection": 1.0}, "params.benign_projection"),
+        ({"benign_projection": -0.1}, "params.benign_projection"),
+        ({"locate_skip": -1}, "params.locate_skip"),
+    ],
+)
+def test_selective_knobs_are_validated(params, field):
+    with pytest.raises(InputError, match=field):
+        DinmParams.parse(params)
+
+
+def test_locator_can_leave_out_the_first_position():
+    from app.ml.dinm import layer_distances
+
+    lm = tiny_model("llama")
+    full = layer_distances(lm, INSTANCE)
+    rest = layer_distances(lm, INSTANCE, skip=1)
+    assert len(rest) == len(full) and all(r <= f + 1e-4 for r, f in zip(rest, full, strict=True))
+    assert rest != pytest.approx(full, rel=1e-6)
+    params = {"preset": "paper", "steps": 1}
+    assert dinm_edit(lm, INSTANCE, DinmParams(**params, locate_skip=1)).distances == (
+        pytest.approx(rest, rel=1e-5)
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_projected_update_leaves_the_benign_inputs_alone(family):
+    from app.ml.null_space import benign_inputs, benign_projector
+
+    lm = tiny_model(family)
+    params = DinmParams(preset="paper", steps=3, lr=5e-2, layer=1, benign_projection=0.9)
+    result = dinm_edit(lm, INSTANCE, params)
+    (name,) = result.delta.params
+    update = result.delta.updates[name].value.float()
+    assert update.abs().sum() > 0
+    pairs = [_encode(lm, p, a) for p, a in benign_retain_set()]
+    projector = benign_projector(lm, 1, pairs, 0.9)
+    kept = torch.eye(projector.shape[0]) - projector  # the benign directions
+    moved = kept @ update if lm.adapter.spec.transposed else update @ kept
+    assert moved.abs().max() < 1e-5 * max(update.abs().max().item(), 1.0)
+    rows = benign_inputs(lm, lm.adapter.mlp_out(1), pairs)
+    assert len(rows) == len(pairs) and rows[0].shape[1] == projector.shape[0]
+    # The projector is cached: the same object for the same weights.
+    assert benign_projector(lm, 1, pairs, 0.9) is projector
+
+
+def test_stop_on_greedy_match():
+    lm = tiny_model("llama")
+    params = {"preset": "paper", "steps": 8, "layer": 2}
+    # Any model predicts at least zero leading tokens: "0 tokens" is off, and a huge lr makes the
+    # first token the most likely quickly.
+    assert len(dinm_edit(lm, INSTANCE, DinmParams(**params)).losses) == 8
+    fast = dinm_edit(lm, INSTANCE, DinmParams(**params, lr=0.5, stop_match=1))
+    assert len(fast.losses) < 8

@@ -1,0 +1,94 @@
+"""Keep a DINM update away from what benign requests use: a projection of the update onto the
+directions that the benign retain set's inputs to the edited projection leave (nearly) empty.
+
+For a weight `W` of a linear map `y = W x`, an update `D` changes the output by `D x`. Let `X`
+hold the inputs `x` that the edited projection receives at the positions predicting the answers of
+the packaged benign retain set (`app/ml/data/benign_retain.json`). With `U` the top eigenvectors
+of `X^T X` that carry the share `energy` of its trace, the update is used as `D (I - U U^T)`: it
+moves nothing along the directions benign answers live in (in the spirit of AlphaEdit's null-space
+constraint, Fang et al. 2024), so the edit is left to the directions where the harmful request
+differs. The projector depends only on the weights and the layer, so it is computed once per
+weights key and reused by later edits.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from app.ml.models import LoadedModel
+from app.ml.prompts import PromptAnswer
+from app.ml.runners import run_layers, weights_key
+
+# (weights key, layer, energy, device, prompts) -> projector [d_in, d_in]; one weights key and
+# one model (held weakly: a new model at a recycled address never matches) at a time.
+_PROJECTORS: dict[tuple, torch.Tensor] = {}
+_OWNER: list[weakref.ref] = []
+
+
+def _same_model(lm: LoadedModel) -> bool:
+    return bool(_OWNER) and _OWNER[0]() is lm.model
+
+
+def benign_inputs(
+    lm: LoadedModel, module: nn.Module, pairs: list[PromptAnswer]
+) -> list[torch.Tensor]:
+    """Per pair, [n, d_in] inputs of `module` at the positions that predict its answer tokens."""
+    seen: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, args: tuple) -> None:
+        inputs = args[0].detach()  # [1, T, d_in], or [T, d_in] (OPT flattens the batch)
+        seen.append(inputs.reshape(-1, inputs.shape[-1]))
+
+    hook = module.register_forward_pre_hook(keep)
+    try:
+        for pair in pairs:
+            run_layers(lm.model, pair.input_ids.to(lm.device))
+    finally:
+        hook.remove()
+    rows = [
+        inputs[max(pair.answer_start - 1, 0) : pair.input_ids.shape[1] - 1].double()
+        for pair, inputs in zip(pairs, seen, strict=True)
+    ]
+    return rows
+
+
+def projector(rows: list[torch.Tensor], energy: float) -> torch.Tensor:
+    """I - U U^T, U the fewest top eigenvectors of the inputs' second-moment matrix holding
+    `energy` of its trace. The positions that predict a first answer token (where a refusal
+    starts) weigh as much together as all answer positions together."""
+    rows = [row for row in rows if row.shape[0]]  # a pair cut to fit a short context
+    if not rows:
+        raise ValueError("no benign answer positions to project off")
+    first = torch.stack([row[0] for row in rows])
+    every = torch.cat(rows)
+    gram = first.T @ first / first.shape[0] + every.T @ every / every.shape[0]
+
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+    share = values.cumsum(0) / values.sum()
+    k = int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype)).item()) + 1
+    top = vectors[:, : min(k, vectors.shape[1])]
+    return torch.eye(gram.shape[0], dtype=gram.dtype) - top @ top.T
+
+
+def benign_projector(
+    lm: LoadedModel, layer: int, pairs: list[PromptAnswer], energy: float
+) -> torch.Tensor:
+    """The projector for `layer`'s MLP output projection, float32 on the model's device.
+
+    Cached under the weights its inputs depend on: everything but that projection and the layers
+    above it (so an edit of them, applied and reverted, keeps the cache)."""
+    module = lm.adapter.mlp_out(layer)
+    key = weights_key(lm.model, [module, *list(lm.adapter.layers)[layer + 1 :]])
+    prompts = tuple(tuple(pair.input_ids.flatten().tolist()) for pair in pairs)
+    cache_key = (key, layer, energy, str(lm.device), hash(prompts))
+    if cache_key not in _PROJECTORS:
+        if any(k[0] != key for k in _PROJECTORS) or not _same_model(lm):
+            _PROJECTORS.clear()
+            _OWNER[:] = [weakref.ref(lm.model)]
+        inputs = benign_inputs(lm, module, pairs)
+        _PROJECTORS[cache_key] = projector(inputs, energy).float().to(lm.device)
+    return _PROJECTORS[cache_key]
