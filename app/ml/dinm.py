@@ -34,7 +34,7 @@ from app.ml.deltas import Delta, DenseUpdate, fingerprint
 from app.ml.dinm_objective import DinmObjective, benign_groups, benign_retain_set
 from app.ml.errors import EditCancelled
 from app.ml.models import LoadedModel
-from app.ml.null_space import benign_projector
+from app.ml.null_space import benign_directions
 from app.ml.params import DinmParams
 from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner, PlainRunner, Runner, run_layers, weights_key
@@ -164,14 +164,12 @@ def dinm_edit(
     names = [lm.adapter.mlp_out_param_name(layer) for layer in layers]
     base_fingerprint = fingerprint(lm.model, names)
     modules = [lm.adapter.mlp_out(layer) for layer in layers]
-    projectors = None
+    benign = None
     if params.benign_projection > 0:
         pairs = [encode(prompt, answer) for prompt, answer in benign_retain_set()]
-        projectors = [
-            benign_projector(lm, layer, pairs, params.benign_projection) for layer in layers
-        ]
+        benign = [benign_directions(lm, layer, pairs, params.benign_projection) for layer in layers]
     transposed = lm.adapter.spec.transposed
-    with weight_shifts(modules, projectors, transposed) as shifts:
+    with weight_shifts(modules, benign, transposed) as shifts:
         losses = _tune(lm, min(layers), params, objective_args, shifts, report, should_cancel)
         updates = {
             name: DenseUpdate(shift.update().detach().to(lm.dtype))

@@ -22,9 +22,9 @@ from app.ml.models import LoadedModel
 from app.ml.prompts import PromptAnswer
 from app.ml.runners import run_layers, weights_key
 
-# (weights key, layer, energy, device, prompts) -> projector [d_in, d_in]; one weights key and
-# one model (held weakly: a new model at a recycled address never matches) at a time.
-_PROJECTORS: dict[tuple, torch.Tensor] = {}
+# (weights key, layer, energy, device, prompts) -> basis [d_in, k]; one weights key and one
+# model (held weakly: a new model at a recycled address never matches) at a time.
+_BASES: dict[tuple, torch.Tensor] = {}
 _OWNER: list[weakref.ref] = []
 
 
@@ -55,29 +55,31 @@ def benign_inputs(
     return rows
 
 
-def projector(rows: list[torch.Tensor], energy: float) -> torch.Tensor:
-    """I - U U^T, U the fewest top eigenvectors of the inputs' second-moment matrix holding
-    `energy` of its trace. The positions that predict a first answer token (where a refusal
-    starts) weigh as much together as all answer positions together."""
+def benign_basis(rows: list[torch.Tensor], energy: float) -> torch.Tensor:
+    """U [d_in, k]: the fewest top eigenvectors of the inputs' second-moment matrix holding
+    `energy` of its trace (the projector is I - U U^T). The positions that predict a first
+    answer token (where a refusal starts) weigh as much together as all answer positions together.
+
+    Computed as the right singular vectors of the stacked, scaled rows, so nothing of size
+    d_in x d_in is formed (14336 wide on a 7B model's MLP down projection)."""
     rows = [row for row in rows if row.shape[0]]  # a pair cut to fit a short context
     if not rows:
         raise ValueError("no benign answer positions to project off")
     first = torch.stack([row[0] for row in rows])
     every = torch.cat(rows)
-    gram = first.T @ first / first.shape[0] + every.T @ every / every.shape[0]
-
-    values, vectors = torch.linalg.eigh(gram)  # ascending
-    values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+    scaled = torch.cat([first / first.shape[0] ** 0.5, every / every.shape[0] ** 0.5])
+    _, singular, vh = torch.linalg.svd(scaled, full_matrices=False)  # descending
+    values = singular.square()
     share = values.cumsum(0) / values.sum()
-    k = int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype)).item()) + 1
-    top = vectors[:, : min(k, vectors.shape[1])]
-    return torch.eye(gram.shape[0], dtype=gram.dtype) - top @ top.T
+    target = torch.tensor(energy, dtype=share.dtype, device=share.device)
+    k = int(torch.searchsorted(share, target).item()) + 1
+    return vh[: min(k, vh.shape[0])].T
 
 
-def benign_projector(
+def benign_directions(
     lm: LoadedModel, layer: int, pairs: list[PromptAnswer], energy: float
 ) -> torch.Tensor:
-    """The projector for `layer`'s MLP output projection, float32 on the model's device.
+    """`benign_basis` for `layer`'s MLP output projection, float32 on the model's device.
 
     Cached under the weights its inputs depend on: everything but that projection and the layers
     above it (so an edit of them, applied and reverted, keeps the cache)."""
@@ -85,10 +87,10 @@ def benign_projector(
     key = weights_key(lm.model, [module, *list(lm.adapter.layers)[layer + 1 :]])
     prompts = tuple(tuple(pair.input_ids.flatten().tolist()) for pair in pairs)
     cache_key = (key, layer, energy, str(lm.device), hash(prompts))
-    if cache_key not in _PROJECTORS:
-        if any(k[0] != key for k in _PROJECTORS) or not _same_model(lm):
-            _PROJECTORS.clear()
+    if cache_key not in _BASES:
+        if any(k[0] != key for k in _BASES) or not _same_model(lm):
+            _BASES.clear()
             _OWNER[:] = [weakref.ref(lm.model)]
         inputs = benign_inputs(lm, module, pairs)
-        _PROJECTORS[cache_key] = projector(inputs, energy).float().to(lm.device)
-    return _PROJECTORS[cache_key]
+        _BASES[cache_key] = benign_basis(inputs, energy).float().to(lm.device)
+    return _BASES[cache_key]

@@ -20,19 +20,23 @@ class WeightShift(nn.Module):
     (for reference forwards of the model before the edit)."""
 
     def __init__(
-        self, like: torch.Tensor, projector: torch.Tensor | None = None, transposed: bool = False
+        self, like: torch.Tensor, benign: torch.Tensor | None = None, transposed: bool = False
     ):
         super().__init__()
         self.delta = nn.Parameter(torch.zeros(like.shape, dtype=torch.float32, device=like.device))
         self.enabled = True
-        self.projector = projector  # [in, in]: the update only acts on inputs through it
+        self.benign = benign  # [in, k]: input directions the update must not act on
         self.transposed = transposed  # the weight is stored [in, out] (GPT-2's Conv1D)
 
     def update(self) -> torch.Tensor:
-        """The update the weight gets: `delta`, or `delta` with its input side projected."""
-        if self.projector is None:
+        """The update the weight gets: `delta`, or `delta (I - U U^T)` with U = `benign` (its
+        input side projected off the benign directions, never forming I - U U^T)."""
+        if self.benign is None:
             return self.delta
-        return self.projector @ self.delta if self.transposed else self.delta @ self.projector
+        basis = self.benign
+        if self.transposed:  # [in, out]
+            return self.delta - basis @ (basis.T @ self.delta)
+        return self.delta - (self.delta @ basis) @ basis.T
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + self.update().to(weight.dtype) if self.enabled else weight
@@ -41,14 +45,15 @@ class WeightShift(nn.Module):
 @contextmanager
 def weight_shifts(
     modules: Sequence[nn.Module],
-    projectors: Sequence[torch.Tensor | None] | None = None,
+    benign: Sequence[torch.Tensor | None] | None = None,
     transposed: bool = False,
 ) -> Iterator[list[WeightShift]]:
-    """A zero-initialised shift on each module's `weight`, removed on exit whatever happens."""
-    projectors = projectors or [None] * len(modules)
+    """A zero-initialised shift on each module's `weight` (kept off the `benign` input
+    directions, per module, when given), removed on exit whatever happens."""
+    benign = benign or [None] * len(modules)
     shifts = [
-        WeightShift(module.weight, projector, transposed)
-        for module, projector in zip(modules, projectors, strict=True)
+        WeightShift(module.weight, basis, transposed)
+        for module, basis in zip(modules, benign, strict=True)
     ]
     try:
         for module, shift in zip(modules, shifts, strict=True):

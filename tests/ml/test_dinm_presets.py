@@ -247,7 +247,7 @@ def test_locator_can_leave_out_the_first_position():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_projected_update_leaves_the_benign_inputs_alone(family):
-    from app.ml.null_space import benign_inputs, benign_projector
+    from app.ml.null_space import benign_directions, benign_inputs
 
     lm = tiny_model(family)
     params = DinmParams(preset="paper", steps=3, lr=5e-2, layer=1, benign_projection=0.9)
@@ -256,14 +256,16 @@ def test_projected_update_leaves_the_benign_inputs_alone(family):
     update = result.delta.updates[name].value.float()
     assert update.abs().sum() > 0
     pairs = [_encode(lm, p, a) for p, a in benign_retain_set()]
-    projector = benign_projector(lm, 1, pairs, 0.9)
-    kept = torch.eye(projector.shape[0]) - projector  # the benign directions
+    basis = benign_directions(lm, 1, pairs, 0.9)
+    assert 0 < basis.shape[1] < basis.shape[0]
+    assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5)  # orthonormal
+    kept = basis @ basis.T  # the benign directions
     moved = kept @ update if lm.adapter.spec.transposed else update @ kept
     assert moved.abs().max() < 1e-5 * max(update.abs().max().item(), 1.0)
     rows = benign_inputs(lm, lm.adapter.mlp_out(1), pairs)
-    assert len(rows) == len(pairs) and rows[0].shape[1] == projector.shape[0]
-    # The projector is cached: the same object for the same weights.
-    assert benign_projector(lm, 1, pairs, 0.9) is projector
+    assert len(rows) == len(pairs) and rows[0].shape[1] == basis.shape[0]
+    # The basis is cached: the same object for the same weights.
+    assert benign_directions(lm, 1, pairs, 0.9) is basis
 
 
 def test_stop_on_greedy_match():
