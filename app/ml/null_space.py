@@ -7,7 +7,7 @@ the packaged benign retain set (`app/ml/data/benign_retain.json`). With `U` the 
 of `X^T X` that carry the share `energy` of its trace, the update is used as `D (I - U U^T)`: it
 moves nothing along the directions benign answers live in (in the spirit of AlphaEdit's null-space
 constraint, Fang et al. 2024), so the edit is left to the directions where the harmful request
-differs. The projector depends only on the weights and the layer, so it is computed once per
+differs. The basis depends only on the weights and the layer, so it is computed once per
 weights key and reused by later edits.
 """
 
