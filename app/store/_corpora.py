@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.ml.corpus import CorpusError, Document, parse_line
+from app.store._versions import NAME_PATTERN, RESERVED_NAMES
 from app.store.errors import (
     CorpusInUse,
     CorruptCorpus,
@@ -29,14 +30,13 @@ from app.store.errors import (
 from app.store.models import Corpus, Job
 
 MAX_PAGE = 1000
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_RESERVED = frozenset({"base", "latest"})
+_NAME = re.compile(NAME_PATTERN)
 
 
 def check_corpus_name(name: str) -> str:
     """`name` if it may name a corpus: the rules of version names (1-64 of [A-Za-z0-9._-],
     alphanumeric first, not "base"/"latest"), and not of a corpus id's form (a UUID)."""
-    if name.lower() in _RESERVED:
+    if name.lower() in RESERVED_NAMES:
         raise InvalidCorpusName(f"{name!r} is reserved; choose another corpus name")
     if not _NAME.fullmatch(name):
         raise InvalidCorpusName(

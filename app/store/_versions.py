@@ -31,7 +31,9 @@ from app.store.errors import (
 from app.store.models import DELTA_ENCODINGS, VERSION_KINDS, DeltaRow, Job, Version
 
 RESERVED_NAMES = frozenset({"base", "latest"})
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The form of a name (versions, corpora, experiments): 1-64 of [A-Za-z0-9._-], alphanumeric first.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_NAME = re.compile(NAME_PATTERN)
 _DEFAULT_NAME = re.compile(r"v(\d+)")
 _NAME_RACE_RETRIES = 5
 

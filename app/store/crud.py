@@ -62,6 +62,7 @@ from app.store._records import (
     revoke_api_key,
 )
 from app.store._versions import (
+    NAME_PATTERN,
     RESERVED_NAMES,
     ChainBlobs,
     DeltaIn,
@@ -84,6 +85,7 @@ from app.store._versions import (
 )
 
 __all__ = [
+    "NAME_PATTERN",
     "RESERVED_NAMES",
     "UNSENT",
     "ArmCounts",
