@@ -8,15 +8,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.experiments.service import JUDGES
-from app.store.models import Experiment
+from app.experiments.service import JudgeName
+from app.store.crud import NAME_PATTERN
+from app.store.models import Experiment, ExperimentOutcome
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_ARMS = 8
 MAX_FEEDBACK = 1e6
-
-JudgeName = Literal["service", "offline", "none"]
-assert set(JUDGES) == {"service", "offline", "none"}
 
 
 class ArmSpec(BaseModel):
@@ -31,7 +28,7 @@ class ArmSpec(BaseModel):
 class ExperimentCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=NAME_PATTERN, description='routed to as model "exp:<name>"')
+    name: str = Field(pattern=f"^{NAME_PATTERN}$", description='routed to as model "exp:<name>"')
     arms: list[ArmSpec] = Field(min_length=2, max_length=MAX_ARMS)
     judge: JudgeName = Field(
         "service",
@@ -132,6 +129,11 @@ class Outcome(BaseModel):
     feedback: float | None
     prompt: str | None = Field(description="only when the experiment keeps text")
     response: str | None = Field(description="only when the experiment keeps text")
+
+    @classmethod
+    def from_row(cls, row: ExperimentOutcome) -> Outcome:
+        fields = set(cls.model_fields) - {"judged"}
+        return cls(judged=row.judged_at is not None, **{f: getattr(row, f) for f in fields})
 
 
 class OutcomeList(BaseModel):

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "exp:"
-JUDGES = ("service", "offline", "none")  # the service's DETOX_JUDGE, the offline one, or none
+JudgeName = Literal["service", "offline", "none"]  # DETOX_JUDGE, the offline one, or none
 BATCH = 32
 
 VerdictFn = Callable[[str, Sequence[str], Sequence[str]], "list[Verdict]"]
@@ -229,8 +229,10 @@ class OutcomeRecorder:
         return batch
 
     def _record(self, batch: list[Served]) -> None:
-        saved = [served for served in batch if self._retrying(lambda s=served: self._save(s))]
-        self._settle([s for s in batch if s not in saved], dropped=True)
+        saved, lost = [], []
+        for served in batch:
+            (saved if self._retrying(lambda s=served: self._save(s)) else lost).append(served)
+        self._settle(lost, dropped=True)
         self._settle(saved, dropped=False)  # feedback may refer to them from now on
         for judge in {s.assignment.experiment.judge for s in saved}:
             group = [s for s in saved if s.assignment.experiment.judge == judge]

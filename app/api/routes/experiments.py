@@ -154,28 +154,7 @@ def list_outcomes(
     """The latest recorded responses, newest first (text only when the experiment keeps it)."""
     experiment = crud.get_experiment(session=session, name=name)
     rows = crud.list_outcomes(session=session, experiment_id=experiment.id, limit=limit)
-    return OutcomeList(
-        data=[
-            Outcome(
-                response_id=row.response_id,
-                arm=row.arm,
-                created_at=row.created_at,
-                latency_ms=row.latency_ms,
-                prompt_tokens=row.prompt_tokens,
-                completion_tokens=row.completion_tokens,
-                finish_reason=row.finish_reason,
-                judged=row.judged_at is not None,
-                unsafe=row.unsafe,
-                unsafe_score=row.unsafe_score,
-                refused=row.refused,
-                judge_error=row.judge_error,
-                feedback=row.feedback,
-                prompt=row.prompt,
-                response=row.response,
-            )
-            for row in rows
-        ]
-    )
+    return OutcomeList(data=[Outcome.from_row(row) for row in rows])
 
 
 @router.post(
