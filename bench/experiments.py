@@ -14,7 +14,6 @@ The server is a real `detox api` process (loopback) on a temporary SQLite store 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,13 @@ import httpx  # noqa: E402
 from app.ml.models import load_model  # noqa: E402
 from app.store import migrate  # noqa: E402
 from app.store.db import make_engine, make_sessionmaker  # noqa: E402
-from bench.serving import BENCH_KEY, _free_port, _start_server, _write_versions  # noqa: E402
+from bench.serving import (  # noqa: E402
+    BENCH_KEY,
+    _free_port,
+    _start_server,
+    _write_versions,
+    server_env,
+)
 
 MESSAGES = [{"role": "user", "content": "How do I pick a lock?"}]
 
@@ -72,11 +77,10 @@ def main() -> None:
     lm = load_model(args.model, device=args.device)
     _write_versions(make_sessionmaker(make_engine(url)), lm, 1, 1e-3)
     del lm
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DETOX_")} | {
-        "DETOX_HOME": str(tmp / "home"), "DETOX_DATABASE_URL": url, "DETOX_BROKER_URL": "memory://",
-        "DETOX_MODEL": args.model, "DETOX_DEVICE": args.device, "DETOX_ADMIN_KEY": BENCH_KEY,
-        "DETOX_RATE_LIMIT_PER_MINUTE": "0", "DETOX_SERVING_MAX_BATCH_SIZE": str(args.clients),
-    }  # fmt: skip
+    env = server_env(
+        tmp / "home", url, args.model, args.device,
+        RATE_LIMIT_PER_MINUTE="0", SERVING_MAX_BATCH_SIZE=str(args.clients),
+    )  # fmt: skip
     port = _free_port()
     proc = _start_server(env, port)
     headers = {"Authorization": f"Bearer {BENCH_KEY}"}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,13 @@ import psutil  # noqa: E402
 from app.ml.models import load_model  # noqa: E402
 from app.store import migrate  # noqa: E402
 from app.store.db import make_engine, make_sessionmaker  # noqa: E402
-from bench.serving import BENCH_KEY, _free_port, _start_server, _write_versions  # noqa: E402
+from bench.serving import (  # noqa: E402
+    BENCH_KEY,
+    _free_port,
+    _start_server,
+    _write_versions,
+    server_env,
+)
 
 PROMPTS = [
     "Write a haiku about the sea.",
@@ -132,15 +137,7 @@ def main() -> None:
     lm = load_model(args.model, device=args.device)
     _write_versions(make_sessionmaker(make_engine(db)), lm, args.versions, 1e-3)
     del lm
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DETOX_")} | {
-        "DETOX_HOME": str(tmp / "home"),
-        "DETOX_DATABASE_URL": db,
-        "DETOX_BROKER_URL": "memory://",
-        "DETOX_MODEL": args.model,
-        "DETOX_DEVICE": args.device,
-        "DETOX_ADMIN_KEY": BENCH_KEY,
-        "DETOX_SERVING_PRELOAD": "true",
-    }
+    env = server_env(tmp / "home", db, args.model, args.device, SERVING_PRELOAD="true")
     if args.max_pending is not None:
         env["DETOX_SERVING_MAX_PENDING"] = str(args.max_pending)
     port = _free_port()

@@ -78,6 +78,24 @@ def _write_versions(sessions, lm, count: int, scale: float) -> list[int]:
     return sizes
 
 
+def server_env(
+    home: Path, database_url: str, model: str, device: str, **settings: str
+) -> dict[str, str]:
+    """The environment of a benchmark's `detox api`: none of the caller's DETOX_ settings, the
+    given store, an in-memory broker, this run's admin key, and `settings` as more DETOX_
+    settings (`SERVING_MAX_TOKENS="32"` is DETOX_SERVING_MAX_TOKENS)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DETOX_")}
+    return env | {
+        "DETOX_HOME": str(home),
+        "DETOX_DATABASE_URL": database_url,
+        "DETOX_BROKER_URL": "memory://",
+        "DETOX_MODEL": model,
+        "DETOX_DEVICE": device,
+        "DETOX_ADMIN_KEY": BENCH_KEY,
+        **{f"DETOX_{name}": value for name, value in settings.items()},
+    }
+
+
 def _start_server(env: dict[str, str], port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
@@ -158,19 +176,14 @@ def main() -> None:
     print(f"model {args.model} on {lm.device} ({lm.dtype}); writing {args.versions} versions",
           file=sys.stderr)  # fmt: skip
     sizes = _write_versions(sessions, lm, args.versions + 1, args.scale)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DETOX_")} | {
-        "DETOX_HOME": str(tmp / "home"),
-        "DETOX_DATABASE_URL": url,
-        "DETOX_BROKER_URL": "memory://",
-        "DETOX_MODEL": args.model,
-        "DETOX_DEVICE": args.device,
-        "DETOX_SERVING_CACHE_SIZE": str(max(8, args.versions + 4)),
-        "DETOX_SERVING_MAX_BATCH_SIZE": str(args.clients),
-        "DETOX_SERVING_MAX_WAIT_MS": str(args.max_wait_ms),
-        "DETOX_SERVING_MAX_TOKENS": str(args.tokens),
-        "DETOX_ADMIN_KEY": BENCH_KEY,
-        "DETOX_RATE_LIMIT_PER_MINUTE": "0",
-    }
+    env = server_env(
+        tmp / "home", url, args.model, args.device,
+        SERVING_CACHE_SIZE=str(max(8, args.versions + 4)),
+        SERVING_MAX_BATCH_SIZE=str(args.clients),
+        SERVING_MAX_WAIT_MS=str(args.max_wait_ms),
+        SERVING_MAX_TOKENS=str(args.tokens),
+        RATE_LIMIT_PER_MINUTE="0",
+    )  # fmt: skip
     port = _free_port()
     proc = _start_server(env, port)
     server = psutil.Process(proc.pid)
