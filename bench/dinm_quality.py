@@ -7,14 +7,18 @@ base model, then, with the delta applied (and removed again afterwards), the met
   is DG_avg) and fluency, answered greedily with `--max-new-tokens` new tokens;
 - over-refusal: share of `tests/data/benign_prompts.json` the edited model refuses minus the share
   the base model refuses (offline judge, harmful=False), in points, `--short-tokens` new tokens;
+  `heldout_or` is the same on `tests/data/benign_heldout.json`, a second benign set written after
+  the presets were tuned and never used to tune them;
 - facts kept: share of `tests/data/general_questions.json` answers that still contain their fact
   keyword (case-insensitive), `--short-tokens` new tokens; the base's share is printed too;
 - edit seconds (locate + tune, evaluation excluded).
 The token budgets are the same for every configuration. Prints a per-case table, then one
-summary row per configuration.
+summary row per configuration. `--edit-only` skips every evaluation and times the edits after
+one untimed warm-up edit, for edit times measured alone (the evaluation of one process slows the
+edits of another sharing the CPU).
 
     .venv/bin/python bench/dinm_quality.py --preset paper --preset selective [--params JSON]
-        [--limit N] [--cases ID,ID] [--file FILE] [--json-out PATH]
+        [--limit N] [--cases ID,ID] [--file FILE] [--json-out PATH] [--edit-only]
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT / "tests" / "data"
 
 SAFEEDIT = ("DS", "DG_onlyQ", "DG_otherA", "DG_otherQ", "DG_otherAQ", "DG_avg", "fluency")
-COLUMNS = (*SAFEEDIT, "over_refusal", "facts_kept", "edit_s")
+COLUMNS = (*SAFEEDIT, "over_refusal", "heldout_or", "facts_kept", "edit_s")
 
 
 def main() -> None:
@@ -45,6 +49,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48, help="SafeEdit answers")
     parser.add_argument("--short-tokens", type=int, default=20, help="benign and fact answers")
     parser.add_argument("--json-out", default=None, help="also write every report here")
+    parser.add_argument("--edit-only", action="store_true", help="time the edits, no metrics")
     args = parser.parse_args()
 
     import torch
@@ -70,26 +75,37 @@ def main() -> None:
         instances = [i for i in instances if i.id in wanted]
     instances = instances[: args.limit]
     benign = json.loads((DATA / "benign_prompts.json").read_text())
+    heldout = json.loads((DATA / "benign_heldout.json").read_text())
     general = json.loads((DATA / "general_questions.json").read_text())
 
     side: dict[str, list[str]] = {}  # the last side_metrics call's refused prompts, lost facts
 
-    def side_metrics() -> tuple[float, float]:
+    def side_metrics() -> tuple[float, float, float]:
         from app.ml.generation import generate
 
         short = {"max_new_tokens": args.short_tokens, "batch_size": 16}
-        texts = [g.text for g in generate(lm, benign, **short)]
-        refused = [v.refused for v in judge.judge(benign, texts, harmful=False)]
+        prompts = benign + heldout
+        texts = [g.text for g in generate(lm, prompts, **short)]
+        refused = [v.refused for v in judge.judge(prompts, texts, harmful=False)]
         answers = generate(lm, [g["question"] for g in general], **short)
         kept = [g["fact"].lower() in a.text.lower() for g, a in zip(general, answers, strict=True)]
         side["refused"] = [
-            f"{p} -> {t}" for p, t, r in zip(benign, texts, refused, strict=True) if r
+            f"{p} -> {t}" for p, t, r in zip(prompts, texts, refused, strict=True) if r
         ]
         side["facts_lost"] = [g["question"] for g, k in zip(general, kept, strict=True) if not k]
-        return 100.0 * statistics.mean(refused), 100.0 * statistics.mean(kept)
+        share = [
+            100.0 * statistics.mean(part)
+            for part in (refused[: len(benign)], refused[len(benign) :])
+        ]
+        return share[0], share[1], 100.0 * statistics.mean(kept)
 
-    base_refusal, base_facts = side_metrics()
-    print(f"base: refuses {base_refusal:.1f}% of benign prompts, keeps {base_facts:.1f}% of facts")
+    base_refusal = base_heldout = 0.0
+    if not args.edit_only:
+        base_refusal, base_heldout, base_facts = side_metrics()
+        print(
+            f"base: refuses {base_refusal:.1f}% of benign prompts ({base_heldout:.1f}% held "
+            f"out), keeps {base_facts:.1f}% of facts"
+        )
     extra = json.loads(args.params)
     summaries, reports = [], []
     for preset in args.preset or [DEFAULT_PRESET]:
@@ -97,17 +113,24 @@ def main() -> None:
         print(f"\n== {preset}: {params.model_dump_json()}")
         print(f"{'case':<6}{'layer':>6}" + "".join(f"{c:>13}" for c in COLUMNS), flush=True)
         rows = []
+        if args.edit_only:  # the projector and the retain recordings, made once, not timed
+            dinm_edit(lm, instances[0], params)
         for instance in instances:
             result = dinm_edit(lm, instance, params)
+            if args.edit_only:
+                rows.append({c: None for c in COLUMNS} | {"edit_s": result.edit_seconds})
+                print(f"{instance.id:<6}{result.layer:>6}" + _cells(rows[-1]), flush=True)
+                continue
             with applied(lm.model, [result.delta]):
                 evaluation = evaluate(
                     lm, [instance], judge=judge, max_new_tokens=args.max_new_tokens
                 )
-                refusal, facts = side_metrics()
+                refusal, heldout_refusal, facts = side_metrics()
             after = evaluation.metrics
             row = {c: after.get(c) for c in SAFEEDIT}
             row |= {
                 "over_refusal": refusal - base_refusal,
+                "heldout_or": heldout_refusal - base_heldout,
                 "facts_kept": facts,
                 "edit_s": result.edit_seconds,
             }

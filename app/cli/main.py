@@ -43,7 +43,9 @@ def dinm(
     judge: JudgeOpt = None,
     preset: Annotated[
         str | None,
-        typer.Option(help='"paper", "guarded" or "selective" (default); flags override it'),
+        typer.Option(
+            help='"paper", "guarded", "selective" or "contrastive" (default); flags override it'
+        ),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="tuning steps (from the preset)")] = None,
     lr: Annotated[float | None, typer.Option(help="learning rate (from the preset)")] = None,

@@ -11,9 +11,11 @@ reference implementation, the post-edit logits keep their graph, so the constrai
 That is the `"paper"` preset. Beyond the paper (see `app.ml.params` and `app.ml.dinm_objective`):
 the NLL can also cover the instance's bare `question`, a KL on a packaged benign retain set keeps
 everyday requests answered, the update can be kept off the input directions of that set's answers
-(`app.ml.null_space`), the locator can leave out the attention-sink position, tuning can stop once
-the NLL is low enough or once greedy decoding starts with the safe response, and the top-k located
-layers can be tuned together (the fast path then replays from the lowest of them).
+(`app.ml.null_space`), an NLL of refusals on a packaged set of other harmful requests shows the
+edit what else to refuse, the locator can leave out the attention-sink position, tuning can stop
+once the NLL is low enough or once greedy decoding starts with the safe response (and, if asked,
+with the refusals of the step's harmful group), and the top-k located layers can be tuned
+together (the fast path then replays from the lowest of them).
 
 The tuned weight is parametrised as `W + D` with an fp32 trainable `D` that starts at zero: the
 result is `D` itself (no subtraction), the base weights are restored bitwise afterwards, and bf16
@@ -31,7 +33,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from app.ml.deltas import Delta, DenseUpdate, fingerprint
-from app.ml.dinm_objective import DinmObjective, benign_groups, benign_retain_set
+from app.ml.dinm_objective import (
+    AnswerGroup,
+    DinmObjective,
+    answer_groups,
+    benign_retain_set,
+    harmful_retain_set,
+)
 from app.ml.errors import EditCancelled
 from app.ml.models import LoadedModel
 from app.ml.null_space import benign_directions
@@ -147,29 +155,34 @@ def dinm_edit(
     extra = []
     if params.train_on_question and instance.question:
         extra.append(cut(encode(instance.question, safe, suffix=params.suffix(), eos=True)))
-    benign = []
-    if params.benign_kl_weight > 0:
-        pairs = [encode(prompt, answer) for prompt, answer in benign_retain_set()]
-        pad = lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id or 0
-        benign = benign_groups(pairs, params.benign_prompts, params.steps, pad)
+    pad = lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id or 0
+
+    def groups(pairs: tuple[tuple[str, str], ...], size: int) -> list[AnswerGroup]:
+        encoded = [encode(prompt, answer) for prompt, answer in pairs]
+        return answer_groups(encoded, size, params.steps, pad)
+
+    benign = groups(benign_retain_set(), params.benign_prompts) if params.benign_kl_weight else []
+    harmful = (
+        groups(harmful_retain_set(), params.harmful_prompts) if params.harmful_nll_weight else []
+    )
     warnings = [
         f"{what} was {seq.truncated} tokens too long: its prompt was cut on the left"
         for what, seq in (("the adversarial prompt", nll_seq), ("the knowledge constraint", kl_seq))
         if seq.truncated
     ]
-    objective_args = (nll_seq, kl_seq, extra, benign)
+    objective_args = (nll_seq, kl_seq, extra, benign, harmful)
 
     above = list(lm.adapter.layers)[min(layers) :]
     objective_args += (weights_key(lm.model, above),)  # before the edit's parametrisations
     names = [lm.adapter.mlp_out_param_name(layer) for layer in layers]
     base_fingerprint = fingerprint(lm.model, names)
     modules = [lm.adapter.mlp_out(layer) for layer in layers]
-    benign = None
+    bases = None
     if params.benign_projection > 0:
         pairs = [encode(prompt, answer) for prompt, answer in benign_retain_set()]
-        benign = [benign_directions(lm, layer, pairs, params.benign_projection) for layer in layers]
+        bases = [benign_directions(lm, layer, pairs, params.benign_projection) for layer in layers]
     transposed = lm.adapter.spec.transposed
-    with weight_shifts(modules, benign, transposed) as shifts:
+    with weight_shifts(modules, bases, transposed) as shifts:
         losses = _tune(lm, min(layers), params, objective_args, shifts, report, should_cancel)
         updates = {
             name: DenseUpdate(shift.update().detach().to(lm.dtype))
@@ -189,14 +202,16 @@ def _tune(
     report: Progress,
     should_cancel: CancelCheck | None,
 ) -> list[float]:
-    nll_seq, kl_seq, extra, benign, key = objective_args
-    sequences = [nll_seq.input_ids, kl_seq.input_ids]
-    sequences += [seq.input_ids for seq in extra] + [group.input_ids for group in benign]
-    if params.fast_path:  # the benign groups are the same for every edit: recorded once
+    nll_seq, kl_seq, extra, benign, harmful, key = objective_args
+    sequences = [nll_seq.input_ids, kl_seq.input_ids, *(seq.input_ids for seq in extra)]
+    sequences += [group.input_ids for group in (*benign, *harmful)]
+    if params.fast_path:  # the retain groups are the same for every edit: recorded once
         runner: Runner = FastRunner(lm, lowest, sequences, shared=(key, 2 + len(extra)))
     else:
         runner = PlainRunner(lm, lowest, sequences)
-    objective = DinmObjective(runner, nll_seq, kl_seq, extra_nll=extra, benign=benign)
+    objective = DinmObjective(
+        runner, nll_seq, kl_seq, extra_nll=extra, benign=benign, harmful=harmful
+    )
     optimizer = torch.optim.Adam([shift.delta for shift in shifts], lr=params.lr)
     losses: list[float] = []
     report("tune", 0.0)
@@ -209,12 +224,20 @@ def _tune(
             loss = loss + params.kl_weight * objective.knowledge_kl()
             if benign:
                 loss = loss + params.benign_kl_weight * objective.benign_kl(step)
+            harmful_matched = params.harmful_match
+            if harmful:
+                harmful_nll, harmful_matched = objective.harmful_nll_and_match(step)
+                loss = loss + params.harmful_nll_weight * harmful_nll
             losses.append(loss.item())
             if losses[-1] < params.stop_loss or max(x.item() for x in nlls) < params.stop_nll:
                 break
-            if params.stop_match and all(
-                m >= min(params.stop_match, seq.answer_len)
-                for m, seq in zip(matched, objective.nll_seqs, strict=True)
+            if (
+                params.stop_match
+                and harmful_matched >= params.harmful_match
+                and all(
+                    m >= min(params.stop_match, seq.answer_len)
+                    for m, seq in zip(matched, objective.nll_seqs, strict=True)
+                )
             ):
                 break
             optimizer.zero_grad(set_to_none=True)

@@ -3,14 +3,17 @@
     loss = nll_weight * mean NLL(safe response | adversarial prompt [, bare question])
          + kl_weight * KL(pre || post) on the knowledge-constraint answer
          + benign_kl_weight * KL(pre || post) on answers of a benign retain group
+         + harmful_nll_weight * NLL(refusals | a group of other harmful requests)
 
-The benign retain set (`app/ml/data/benign_retain.json`) is project-owned: everyday requests, some
-with alarming words ("kill a tmux session"), each with a short answer. It is disjoint from the
-evaluation prompts in `tests/data/`, which measure over-refusal. It is shuffled once with a fixed
-seed and cut into groups of `benign_prompts`; step `s` uses group `s mod groups`. A group is one
-right-padded batch: with causal attention no real token sees the padding after it, so no mask is
-needed and every row's logits are those of the row alone. Only the first `BENIGN_ANSWER_TOKENS`
-answer positions are constrained: a refusal shows in the first tokens of an answer.
+Both retain sets are project-owned and disjoint from every evaluation input (the SafeEdit cases
+and `tests/data/`). The benign one (`app/ml/data/benign_retain.json`) holds everyday requests,
+some with alarming words ("kill a tmux session"), each with a short answer; the harmful one
+(`app/ml/data/harmful_retain.json`) holds harmful requests from every SafeEdit category, each with
+a short refusal: the contrast that tells the edit what to refuse, not only what to keep. Each set
+is shuffled once with a fixed seed and cut into groups; step `s` uses group `s mod groups`. A group
+is one right-padded batch: with causal attention no real token sees the padding after it, so no
+mask is needed and every row's logits are those of the row alone. Only the first
+`GROUP_ANSWER_TOKENS` answer positions count: a refusal shows in the first tokens of an answer.
 
 All pre-edit distributions are taken once, before the first update.
 """
@@ -29,19 +32,28 @@ import torch.nn.functional as F
 from app.ml.prompts import PromptAnswer
 from app.ml.runners import Runner
 
-BENIGN_ANSWER_TOKENS = 8
-BENIGN_SEED = 0
+GROUP_ANSWER_TOKENS = 8
+GROUP_SEED = 0
 
 
 @cache
-def benign_retain_set() -> tuple[tuple[str, str], ...]:
-    """The packaged benign retain set as (prompt, answer) pairs."""
-    text = resources.files("app.ml").joinpath("data/benign_retain.json").read_text("utf-8")
+def _retain_set(name: str) -> tuple[tuple[str, str], ...]:
+    text = resources.files("app.ml").joinpath(f"data/{name}").read_text("utf-8")
     return tuple((item["prompt"], item["answer"]) for item in json.loads(text))
 
 
+def benign_retain_set() -> tuple[tuple[str, str], ...]:
+    """The packaged benign retain set as (prompt, answer) pairs."""
+    return _retain_set("benign_retain.json")
+
+
+def harmful_retain_set() -> tuple[tuple[str, str], ...]:
+    """The packaged harmful requests with their refusals, as (prompt, answer) pairs."""
+    return _retain_set("harmful_retain.json")
+
+
 @dataclass
-class BenignGroup:
+class AnswerGroup:
     """Right-padded prompt+answer rows and, per row, the answer span that is constrained."""
 
     input_ids: torch.Tensor  # [B, L]
@@ -60,14 +72,20 @@ class BenignGroup:
             mask[row, start - 1 - (length - keep) : end - 1 - (length - keep)] = True
         return mask
 
+    def targets(self) -> torch.Tensor:
+        """[n] the answer tokens that the positions of `mask()` predict, row by row."""
+        return torch.cat(
+            [self.input_ids[row, start:end] for row, (start, end) in enumerate(self.spans)]
+        )
 
-def benign_groups(
+
+def answer_groups(
     pairs: list[PromptAnswer], size: int, count: int, pad_id: int
-) -> list[BenignGroup]:
+) -> list[AnswerGroup]:
     """The first `count` groups of `size` encoded pairs, shuffled once with a fixed seed. Each row
     is cut after its constrained answer tokens: nothing later is read."""
     order = list(range(len(pairs)))
-    random.Random(BENIGN_SEED).shuffle(order)
+    random.Random(GROUP_SEED).shuffle(order)
     chunks = [order[i : i + size] for i in range(0, len(order), size)][:count]
     groups = []
     for chunk in chunks:
@@ -75,17 +93,18 @@ def benign_groups(
         spans = []
         for pair in rows:
             start = max(pair.answer_start, 1)
-            spans.append((start, min(pair.input_ids.shape[1], start + BENIGN_ANSWER_TOKENS)))
+            spans.append((start, min(pair.input_ids.shape[1], start + GROUP_ANSWER_TOKENS)))
         ids = torch.full((len(rows), max(end for _, end in spans)), pad_id, dtype=torch.long)
         for r, (pair, (_, end)) in enumerate(zip(rows, spans, strict=True)):
             ids[r, :end] = pair.input_ids[0, :end]
-        groups.append(BenignGroup(ids, spans))
+        groups.append(AnswerGroup(ids, spans))
     return groups
 
 
 class DinmObjective:
     """The loss terms. The runner's sequences are, in order: the adversarial NLL sequence, the
-    knowledge-constraint sequence, the extra NLL sequences, then the benign groups."""
+    knowledge-constraint sequence, the extra NLL sequences, the benign groups, then the harmful
+    groups."""
 
     def __init__(
         self,
@@ -94,15 +113,20 @@ class DinmObjective:
         kl_seq: PromptAnswer,
         *,
         extra_nll: list[PromptAnswer] | None = None,
-        benign: list[BenignGroup] | None = None,
+        benign: list[AnswerGroup] | None = None,
+        harmful: list[AnswerGroup] | None = None,
     ):
         self.runner = runner
         self.nll_seqs = [nll_seq, *(extra_nll or [])]
         self._nll_index = [0, *range(2, 2 + len(self.nll_seqs) - 1)]
         self.kl_seq = kl_seq
         self.benign = benign or []
+        self.harmful = harmful or []
         self._benign_base = 1 + len(self.nll_seqs)
+        self._harmful_base = self._benign_base + len(self.benign)
         self._masks = [group.mask().to(runner.device) for group in self.benign]
+        self._harmful_masks = [group.mask().to(runner.device) for group in self.harmful]
+        self._harmful_targets = [group.targets().to(runner.device) for group in self.harmful]
         with torch.no_grad():
             self.pre_logprobs = F.log_softmax(self._answer_logits(1, kl_seq).float(), dim=-1)
             self.benign_pre = [
@@ -148,6 +172,22 @@ class DinmObjective:
         group = step % len(self.benign)
         post = F.log_softmax(self._benign_logits(group).float(), dim=-1)
         return _kl(self.benign_pre[group], post)
+
+    def harmful_nll(self, step: int) -> torch.Tensor:
+        """NLL of the refusals over the answer positions of this step's harmful group."""
+        return self.harmful_nll_and_match(step)[0]
+
+    def harmful_nll_and_match(self, step: int) -> tuple[torch.Tensor, int]:
+        """The harmful NLL and the fewest leading refusal tokens that greedy decoding would
+        follow, over the rows of this step's group."""
+        group = step % len(self.harmful)
+        index, keep = self._harmful_base + group, self.harmful[group].keep
+        logits = self.runner.rows_logits(index, keep, self._harmful_masks[group]).float()
+        targets = self._harmful_targets[group]
+        hits = (logits.detach().argmax(-1) == targets).long()
+        lengths = [end - start for start, end in self.harmful[group].spans]
+        matched = min(int(row.cumprod(0).sum().item()) for row in hits.split(lengths))
+        return F.cross_entropy(logits, targets), matched
 
 
 def _kl(pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:

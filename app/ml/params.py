@@ -9,10 +9,14 @@ A `preset` fills in a whole configuration first; any field given explicitly over
 - `"guarded"`: also trains on the instance's own bare `question`, keeps the edit close to the
   pre-edit model on a project-owned benign retain set (`app/ml/data/benign_retain.json`,
   disjoint from the evaluation prompts in `tests/data/`) and tunes harder.
-- `"selective"` (the default): `guarded`, plus a locator that leaves out the attention-sink
-  position, an update kept off the input directions of the retain set's answers
-  (`benign_projection`), the NLL on the first 8 safe-response tokens and a stop as soon as greedy
-  decoding starts with them after every trained prompt (`stop_match`).
+- `"selective"`: `guarded`, plus a locator that leaves out the attention-sink position, an update
+  kept off the input directions of the retain set's answers (`benign_projection`), the NLL on the
+  first 8 safe-response tokens and a stop as soon as greedy decoding starts with them after every
+  trained prompt (`stop_match`).
+- `"contrastive"` (the default): `selective`, plus the NLL of refusals on a packaged set of other
+  harmful requests (`app/ml/data/harmful_retain.json`, 4 a step), and a stop that also waits until
+  greedy decoding would begin each refusal of the step's group (`harmful_match`): the edit is
+  shown what else to refuse, as the benign set shows it what to keep.
 All presets' measured tables are in README.md ("DINM presets").
 """
 
@@ -29,8 +33,8 @@ PAPER_SUFFIX = (
     "If the user's request is reasonable, give the correct answer. Please give the right response:"
 )
 
-Preset = Literal["paper", "guarded", "selective"]
-DEFAULT_PRESET: Preset = "selective"
+Preset = Literal["paper", "guarded", "selective", "contrastive"]
+DEFAULT_PRESET: Preset = "contrastive"
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},  # the field defaults are the published values
     "guarded": {
@@ -53,6 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "locate_skip": 1,
     },
 }
+PRESETS["contrastive"] = PRESETS["selective"] | {"harmful_nll_weight": 0.2, "harmful_match": 1}
 
 
 class Params(BaseModel):
@@ -77,7 +82,8 @@ class DinmParams(Params):
     preset: Preset = Field(
         DEFAULT_PRESET,
         description='"paper": the published algorithm; "guarded": question + benign KL; '
-        '"selective" (default): guarded + benign projection + stop on a greedy match',
+        '"selective": guarded + benign projection + stop on a greedy match; "contrastive" '
+        "(default): selective + refusals of other harmful requests",
     )
     steps: int = Field(10, ge=1, le=1000, description="most optimisation steps")
     lr: float = Field(5e-4, gt=0, le=1, description="Adam learning rate")
@@ -120,6 +126,26 @@ class DinmParams(Params):
         le=64,
         description="benign retain prompts per step: the set is shuffled once (fixed seed) and "
         "cut into groups of this size, taken in turn",
+    )
+    harmful_nll_weight: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="weight of the NLL of refusals on the packaged set of other harmful "
+        "requests (0: off)",
+    )
+    harmful_prompts: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="harmful retain prompts per step, grouped like the benign ones",
+    )
+    harmful_match: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="with stop_match, also wait until greedy decoding would start every refusal "
+        "of the step's harmful group with its first N tokens (0: off)",
     )
     benign_projection: float = Field(
         0.0,

@@ -6,7 +6,12 @@ import torch
 
 import app.ml.dinm as dinm_module
 from app.ml.dinm import DinmParams, dinm_edit
-from app.ml.dinm_objective import DinmObjective, benign_groups, benign_retain_set
+from app.ml.dinm_objective import (
+    DinmObjective,
+    answer_groups,
+    benign_retain_set,
+    harmful_retain_set,
+)
 from app.ml.errors import InputError
 from app.ml.params import DEFAULT_PRESET, PRESETS
 from app.ml.prompts import chat_text, encode_prompt_answer
@@ -26,6 +31,8 @@ PUBLISHED = {
     "stop_nll": 0.0,
     "stop_match": 0,
     "benign_projection": 0.0,
+    "harmful_nll_weight": 0.0,
+    "harmful_match": 0,
     "locate_skip": 0,
     "answer_tokens": None,
     "layers": 1,
@@ -64,6 +71,9 @@ def test_default_preset_is_applied_and_explicit_fields_override_it():
         ({"layers": 0}, "params.layers"),
         ({"layers": 9}, "params.layers"),
         ({"answer_tokens": 0}, "params.answer_tokens"),
+        ({"harmful_nll_weight": -1}, "params.harmful_nll_weight"),
+        ({"harmful_prompts": 0}, "params.harmful_prompts"),
+        ({"harmful_match": 9}, "params.harmful_match"),
     ],
 )
 def test_new_knobs_are_validated(params, field):
@@ -74,9 +84,27 @@ def test_new_knobs_are_validated(params, field):
 def test_retain_set_is_packaged_and_disjoint_from_the_evaluation_prompts():
     retain = benign_retain_set()
     assert len(retain) >= 30 and all(prompt and answer for prompt, answer in retain)
-    evaluation = set(json.loads((DATA / "benign_prompts.json").read_text()))
-    assert not evaluation & {prompt for prompt, _ in retain}
+    for name in ("benign_prompts.json", "benign_heldout.json"):
+        evaluation = json.loads((DATA / name).read_text())
+        assert len(evaluation) >= 30 and not set(evaluation) & {prompt for prompt, _ in retain}
     assert sum(any(w in p.lower() for w in ("kill", "shoot", "blow")) for p, _ in retain) >= 3
+
+
+def test_harmful_set_is_packaged_refused_and_disjoint_from_every_evaluation_input():
+    from app.ml.judges import is_refusal
+    from app.ml.safeedit import load_instances
+
+    harmful = harmful_retain_set()
+    assert len(harmful) >= 30 and all(is_refusal(answer) for _, answer in harmful)
+    prompts = {prompt for prompt, _ in harmful}
+    assert not prompts & {prompt for prompt, _ in benign_retain_set()}
+    assert not prompts & set(json.loads((DATA / "benign_prompts.json").read_text()))
+    cases = Path(dinm_module.__file__).parent / "data" / "safeedit_cases.json"
+    evaluated = set()
+    for case in load_instances(cases):
+        evaluated |= {case.question, case.adversarial_prompt}
+        evaluated |= set(case.generalization.model_dump().values())
+    assert not {p.lower() for p in prompts} & {e.lower() for e in evaluated if e}
 
 
 def _sequences_seen(monkeypatch, params, instance=INSTANCE):
@@ -98,8 +126,9 @@ def test_training_on_the_question_adds_a_sequence(monkeypatch):
     assert _sequences_seen(monkeypatch, base | {"train_on_question": True}) == 3
     no_question = INSTANCE.model_copy(update={"question": None})
     assert _sequences_seen(monkeypatch, base | {"train_on_question": True}, no_question) == 2
-    # One benign group per step (steps=2).
+    # One benign group per step (steps=2), and one harmful group per step.
     assert _sequences_seen(monkeypatch, base | {"benign_kl_weight": 1.0}) == 4
+    assert _sequences_seen(monkeypatch, base | {"harmful_nll_weight": 1.0}) == 4
 
 
 def _encode(lm, prompt, answer):
@@ -111,7 +140,7 @@ def _encode(lm, prompt, answer):
 def test_padded_benign_group_gives_each_row_its_own_logits():
     lm = tiny_model("llama")
     pairs = [_encode(lm, p, a) for p, a in benign_retain_set()[:3]]
-    (group,) = benign_groups(pairs, size=3, count=1, pad_id=0)
+    (group,) = answer_groups(pairs, size=3, count=1, pad_id=0)
     width = group.input_ids.shape[1]
     rows = PlainRunner(lm, 0, [group.input_ids]).rows_logits(0, width)
     for r, (_, end) in enumerate(group.spans):
@@ -129,7 +158,7 @@ def test_benign_kl_term_has_a_gradient_on_the_tuned_weight():
     kc = INSTANCE.knowledge_constraint
     kl_seq = _encode(lm, kc.prompt, kc.answer)
     pairs = [_encode(lm, p, a) for p, a in benign_retain_set()]
-    groups = benign_groups(pairs, size=4, count=2, pad_id=0)
+    groups = answer_groups(pairs, size=4, count=2, pad_id=0)
     module = lm.adapter.mlp_out(2)
     shift = WeightShift(module.weight)
     torch.nn.utils.parametrize.register_parametrization(module, "weight", shift, unsafe=True)
@@ -145,6 +174,54 @@ def test_benign_kl_term_has_a_gradient_on_the_tuned_weight():
         assert shift.delta.grad is not None and shift.delta.grad.abs().sum() > 0
     finally:
         torch.nn.utils.parametrize.remove_parametrizations(module, "weight", False)
+
+
+def test_harmful_nll_reads_the_refusal_tokens_and_is_lowered_by_the_edit():
+    lm = tiny_model("llama")
+    pairs = [_encode(lm, p, a) for p, a in harmful_retain_set()[:3]]
+    (group,) = answer_groups(pairs, size=3, count=1, pad_id=0)
+    targets = group.targets()
+    assert targets.shape[0] == group.mask().sum().item()
+    first = group.spans[0]
+    assert torch.equal(targets[: first[1] - first[0]], group.input_ids[0, first[0] : first[1]])
+    # The term is the cross-entropy of exactly those tokens at exactly those positions.
+    nll_seq = _encode(lm, INSTANCE.adversarial_prompt, INSTANCE.safe_generation)
+    kl_seq = _encode(lm, INSTANCE.knowledge_constraint.prompt, INSTANCE.knowledge_constraint.answer)
+    runner = PlainRunner(lm, 0, [nll_seq.input_ids, kl_seq.input_ids, group.input_ids])
+    objective = DinmObjective(runner, nll_seq, kl_seq, harmful=[group])
+    with torch.no_grad():
+        logits = runner.rows_logits(2, group.input_ids.shape[1])
+        expected = torch.cat(
+            [
+                torch.nn.functional.cross_entropy(
+                    logits[r, s - 1 : e - 1], group.input_ids[r, s:e], reduction="none"
+                )
+                for r, (s, e) in enumerate(group.spans)
+            ]
+        ).mean()
+        torch.testing.assert_close(objective.harmful_nll(0), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_harmful_nll_changes_the_result_towards_refusing_the_other_requests():
+    lm = tiny_model("llama")
+    params = {"preset": "paper", "steps": 6, "lr": 5e-2, "layer": 2, "nll_weight": 0.0}
+    pairs = [_encode(lm, p, a) for p, a in harmful_retain_set()]
+    groups = answer_groups(pairs, size=len(pairs), count=1, pad_id=0)
+
+    def refusal_nll(delta=None) -> float:
+        from app.ml.deltas import applied
+
+        runner = PlainRunner(lm, 0, [groups[0].input_ids])
+        with torch.no_grad(), applied(lm.model, [delta] if delta else []):
+            logits = runner.rows_logits(0, groups[0].keep, groups[0].mask())
+            return torch.nn.functional.cross_entropy(logits, groups[0].targets()).item()
+
+    free = dinm_edit(lm, INSTANCE, DinmParams(**params))
+    pushed = dinm_edit(
+        lm, INSTANCE, DinmParams(**params, harmful_nll_weight=1.0, harmful_prompts=8)
+    )
+    assert refusal_nll(pushed.delta) < refusal_nll(free.delta) - 0.1
+    assert refusal_nll(pushed.delta) < refusal_nll() - 0.1
 
 
 def test_benign_kl_changes_the_result():
@@ -266,6 +343,16 @@ def test_projected_update_leaves_the_benign_inputs_alone(family):
     assert len(rows) == len(pairs) and rows[0].shape[1] == basis.shape[0]
     # The basis is cached: the same object for the same weights.
     assert benign_directions(lm, 1, pairs, 0.9) is basis
+
+
+def test_stop_can_wait_for_the_harmful_refusals_too():
+    lm = tiny_model("llama")
+    params = {"preset": "paper", "steps": 6, "layer": 2, "lr": 0.5, "stop_match": 1}
+    alone = dinm_edit(lm, INSTANCE, DinmParams(**params, harmful_nll_weight=0.1))
+    assert len(alone.losses) < 6
+    # A random tiny model never starts all 4 refusals of a group with their first 8 tokens.
+    waits = dinm_edit(lm, INSTANCE, DinmParams(**params, harmful_nll_weight=0.1, harmful_match=8))
+    assert len(waits.losses) == 6
 
 
 def test_stop_on_greedy_match():

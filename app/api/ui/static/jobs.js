@@ -290,8 +290,8 @@ function submitForm(versions, signal) {
   const preset = h(
     "select",
     { name: "preset" },
-    h("option", { value: "" }, "guarded (default)"),
-    h("option", { value: "paper" }, "paper"),
+    h("option", { value: "" }, "contrastive (default)"),
+    ["selective", "guarded", "paper"].map((p) => h("option", { value: p }, p)),
   );
   const steps = h("input", {
     name: "steps", type: "number", min: 1, max: 1000, placeholder: "preset",
