@@ -157,14 +157,19 @@ def dinm_edit(
         extra.append(cut(encode(instance.question, safe, suffix=params.suffix(), eos=True)))
     pad = lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id or 0
 
-    def groups(pairs: tuple[tuple[str, str], ...], size: int) -> list[AnswerGroup]:
-        encoded = [encode(prompt, answer) for prompt, answer in pairs]
-        return answer_groups(encoded, size, params.steps, pad)
+    def groups(pairs: list[PromptAnswer], size: int) -> list[AnswerGroup]:
+        return answer_groups(pairs, size, params.steps, pad)
 
-    benign = groups(benign_retain_set(), params.benign_prompts) if params.benign_kl_weight else []
-    harmful = (
-        groups(harmful_retain_set(), params.harmful_prompts) if params.harmful_nll_weight else []
+    # Encoded once: the benign KL and the projection both read them.
+    retain = (
+        [encode(p, a) for p, a in benign_retain_set()]
+        if params.benign_kl_weight or params.benign_projection
+        else []
     )
+    benign = groups(retain, params.benign_prompts) if params.benign_kl_weight else []
+    harmful = []
+    if params.harmful_nll_weight:
+        harmful = groups([encode(p, a) for p, a in harmful_retain_set()], params.harmful_prompts)
     warnings = [
         f"{what} was {seq.truncated} tokens too long: its prompt was cut on the left"
         for what, seq in (("the adversarial prompt", nll_seq), ("the knowledge constraint", kl_seq))
@@ -179,8 +184,7 @@ def dinm_edit(
     modules = [lm.adapter.mlp_out(layer) for layer in layers]
     bases = None
     if params.benign_projection > 0:
-        pairs = [encode(prompt, answer) for prompt, answer in benign_retain_set()]
-        bases = [benign_directions(lm, layer, pairs, params.benign_projection) for layer in layers]
+        bases = [benign_directions(lm, layer, retain, params.benign_projection) for layer in layers]
     transposed = lm.adapter.spec.transposed
     with weight_shifts(modules, bases, transposed) as shifts:
         losses = _tune(lm, min(layers), params, objective_args, shifts, report, should_cancel)

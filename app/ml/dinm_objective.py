@@ -155,8 +155,7 @@ class DinmObjective:
             targets = seq.input_ids[0, seq.answer_start :].to(self.runner.device)
             logits = self._answer_logits(index, seq).float()
             nlls.append(F.cross_entropy(logits, targets))
-            hits = (logits.detach().argmax(-1) == targets).long()
-            matched.append(int(hits.cumprod(0).sum().item()))
+            matched.append(_leading_matches(logits, targets))
         return nlls, matched
 
     def terms(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,10 +183,16 @@ class DinmObjective:
         index, keep = self._harmful_base + group, self.harmful[group].keep
         logits = self.runner.rows_logits(index, keep, self._harmful_masks[group]).float()
         targets = self._harmful_targets[group]
-        hits = (logits.detach().argmax(-1) == targets).long()
         lengths = [end - start for start, end in self.harmful[group].spans]
-        matched = min(int(row.cumprod(0).sum().item()) for row in hits.split(lengths))
+        rows = zip(logits.split(lengths), targets.split(lengths), strict=True)
+        matched = min(_leading_matches(row_logits, row_targets) for row_logits, row_targets in rows)
         return F.cross_entropy(logits, targets), matched
+
+
+def _leading_matches(logits: torch.Tensor, targets: torch.Tensor) -> int:
+    """How many leading targets are each the most likely token: what greedy decoding follows."""
+    hits = (logits.detach().argmax(-1) == targets).long()
+    return int(hits.cumprod(0).sum().item())
 
 
 def _kl(pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
