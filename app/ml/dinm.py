@@ -36,6 +36,7 @@ from app.ml.deltas import Delta, DenseUpdate, fingerprint
 from app.ml.dinm_objective import (
     AnswerGroup,
     DinmObjective,
+    StepTerms,
     answer_groups,
     benign_retain_set,
     harmful_retain_set,
@@ -45,12 +46,17 @@ from app.ml.models import LoadedModel
 from app.ml.null_space import benign_directions
 from app.ml.params import DinmParams
 from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
-from app.ml.runners import FastRunner, PlainRunner, Runner, run_layers, weights_key
+from app.ml.runners import FastRunner, PlainRunner, Runner, run_layers
 from app.ml.safeedit import SafeEditInstance
 from app.ml.weight_shift import WeightShift, weight_shifts
+from app.ml.weights_cache import WeightsCache, weights_key
 
 Progress = Callable[[str, float], None]
 CancelCheck = Callable[[], bool]
+
+# The pre-edit log-probabilities of the benign retain groups, by (device, ids, spans): the same for
+# every edit of the same weights, and a third of a short edit's output-head work.
+_BENIGN_PRE: WeightsCache[torch.Tensor] = WeightsCache()
 
 
 @dataclass
@@ -177,11 +183,18 @@ def dinm_edit(
     ]
     objective_args = (nll_seq, kl_seq, extra, benign, harmful)
 
-    above = list(lm.adapter.layers)[min(layers) :]
-    objective_args += (weights_key(lm.model, above),)  # before the edit's parametrisations
     names = [lm.adapter.mlp_out_param_name(layer) for layer in layers]
     base_fingerprint = fingerprint(lm.model, names)
     modules = [lm.adapter.mlp_out(layer) for layer in layers]
+    # Keys of the weights that the kept recordings (those below the edited layers) and the kept
+    # pre-edit distributions (all of them) depend on, taken before the edit's parametrisations.
+    # Registering one bumps the edited weights' version counters without changing them, so those
+    # weights enter by their fingerprint.
+    above = list(lm.adapter.layers)[min(layers) :]
+    objective_args += (
+        weights_key(lm.model, above),
+        (weights_key(lm.model, modules), base_fingerprint),
+    )
     bases = None
     if params.benign_projection > 0:
         bases = [benign_directions(lm, layer, retain, params.benign_projection) for layer in layers]
@@ -206,16 +219,25 @@ def _tune(
     report: Progress,
     should_cancel: CancelCheck | None,
 ) -> list[float]:
-    nll_seq, kl_seq, extra, benign, harmful, key = objective_args
+    nll_seq, kl_seq, extra, benign, harmful, key, full_key = objective_args
     sequences = [nll_seq.input_ids, kl_seq.input_ids, *(seq.input_ids for seq in extra)]
     sequences += [group.input_ids for group in (*benign, *harmful)]
     if params.fast_path:  # the retain groups are the same for every edit: recorded once
         runner: Runner = FastRunner(lm, lowest, sequences, shared=(key, 2 + len(extra)))
     else:
         runner = PlainRunner(lm, lowest, sequences)
+    kept = _BENIGN_PRE.values_for(lm.model, full_key)
+    names = [(str(lm.device), _ids(group.input_ids), tuple(group.spans)) for group in benign]
     objective = DinmObjective(
-        runner, nll_seq, kl_seq, extra_nll=extra, benign=benign, harmful=harmful
+        runner,
+        nll_seq,
+        kl_seq,
+        extra_nll=extra,
+        benign=benign,
+        harmful=harmful,
+        benign_pre=[kept.get(name) for name in names],
     )
+    kept.update(zip(names, objective.benign_pre, strict=True))
     optimizer = torch.optim.Adam([shift.delta for shift in shifts], lr=params.lr)
     losses: list[float] = []
     report("tune", 0.0)
@@ -223,26 +245,10 @@ def _tune(
         if should_cancel is not None and should_cancel():
             raise EditCancelled(f"cancelled after {step} of {params.steps} steps")
         with parametrize.cached():  # a projected update is computed once per step
-            nlls, matched = objective.nll_and_match()
-            loss = params.nll_weight * torch.stack(nlls).mean()
-            loss = loss + params.kl_weight * objective.knowledge_kl()
-            if benign:
-                loss = loss + params.benign_kl_weight * objective.benign_kl(step)
-            harmful_matched = params.harmful_match
-            if harmful:
-                harmful_nll, harmful_matched = objective.harmful_nll_and_match(step)
-                loss = loss + params.harmful_nll_weight * harmful_nll
+            terms = objective.step(step)
+            loss = _loss(params, terms)
             losses.append(loss.item())
-            if losses[-1] < params.stop_loss or max(x.item() for x in nlls) < params.stop_nll:
-                break
-            if (
-                params.stop_match
-                and harmful_matched >= params.harmful_match
-                and all(
-                    m >= min(params.stop_match, seq.answer_len)
-                    for m, seq in zip(matched, objective.nll_seqs, strict=True)
-                )
-            ):
+            if _done(params, terms, losses[-1], objective.nll_seqs):
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -250,3 +256,31 @@ def _tune(
         report("tune", (step + 1) / params.steps)
     report("tune", 1.0)
     return losses
+
+
+def _loss(params: DinmParams, terms: StepTerms) -> torch.Tensor:
+    loss = params.nll_weight * torch.stack(terms.nlls).mean()
+    loss = loss + params.kl_weight * terms.knowledge_kl
+    if terms.benign_kl is not None:
+        loss = loss + params.benign_kl_weight * terms.benign_kl
+    if terms.harmful_nll is not None:
+        loss = loss + params.harmful_nll_weight * terms.harmful_nll
+    return loss
+
+
+def _done(params: DinmParams, terms: StepTerms, loss: float, nll_seqs: list[PromptAnswer]) -> bool:
+    """Whether a stop criterion holds before this step's update."""
+    if loss < params.stop_loss or max(x.item() for x in terms.nlls) < params.stop_nll:
+        return True
+    if not params.stop_match:
+        return False
+    if terms.harmful_matched is not None and terms.harmful_matched < params.harmful_match:
+        return False
+    return all(
+        m >= min(params.stop_match, seq.answer_len)
+        for m, seq in zip(terms.matched, nll_seqs, strict=True)
+    )
+
+
+def _ids(ids: torch.Tensor) -> tuple:
+    return (tuple(ids.shape), *ids.flatten().tolist())

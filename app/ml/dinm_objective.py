@@ -15,7 +15,7 @@ is one right-padded batch: with causal attention no real token sees the padding 
 mask is needed and every row's logits are those of the row alone. Only the first
 `GROUP_ANSWER_TOKENS` answer positions count: a refusal shows in the first tokens of an answer.
 
-All pre-edit distributions are taken once, before the first update.
+All pre-edit distributions are taken once, before the first update (or given).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from app.ml.prompts import PromptAnswer
-from app.ml.runners import Runner
+from app.ml.runners import Read, Runner
 
 GROUP_ANSWER_TOKENS = 8
 GROUP_SEED = 0
@@ -101,10 +101,23 @@ def answer_groups(
     return groups
 
 
+@dataclass
+class StepTerms:
+    """One step's loss terms, with gradients to the tuned weight (None where a term is off), and
+    how far greedy decoding would follow the trained answers."""
+
+    nlls: list[torch.Tensor]  # NLL of the safe response after each prompt it is trained on
+    matched: list[int]  # per trained prompt, leading safe-response tokens greedy decoding follows
+    knowledge_kl: torch.Tensor  # KL(pre || post) on the knowledge-constraint answer
+    benign_kl: torch.Tensor | None = None  # KL(pre || post) on this step's benign group
+    harmful_nll: torch.Tensor | None = None  # NLL of the refusals of this step's harmful group
+    harmful_matched: int | None = None  # the fewest leading refusal tokens followed, over rows
+
+
 class DinmObjective:
     """The loss terms. The runner's sequences are, in order: the adversarial NLL sequence, the
     knowledge-constraint sequence, the extra NLL sequences, the benign groups, then the harmful
-    groups."""
+    groups. A step reads all its terms' positions through the output head at once."""
 
     def __init__(
         self,
@@ -115,73 +128,78 @@ class DinmObjective:
         extra_nll: list[PromptAnswer] | None = None,
         benign: list[AnswerGroup] | None = None,
         harmful: list[AnswerGroup] | None = None,
+        benign_pre: list[torch.Tensor | None] | None = None,
     ):
         self.runner = runner
         self.nll_seqs = [nll_seq, *(extra_nll or [])]
-        self._nll_index = [0, *range(2, 2 + len(self.nll_seqs) - 1)]
         self.kl_seq = kl_seq
         self.benign = benign or []
         self.harmful = harmful or []
-        self._benign_base = 1 + len(self.nll_seqs)
-        self._harmful_base = self._benign_base + len(self.benign)
-        self._masks = [group.mask().to(runner.device) for group in self.benign]
-        self._harmful_masks = [group.mask().to(runner.device) for group in self.harmful]
+        nll_index = [0, *range(2, 1 + len(self.nll_seqs))]  # the knowledge constraint is 1
+        self._nll_reads = [
+            self._answer_read(i, seq) for i, seq in zip(nll_index, self.nll_seqs, strict=True)
+        ]
+        self._nll_targets = [
+            seq.input_ids[0, seq.answer_start :].to(runner.device) for seq in self.nll_seqs
+        ]
+        self._kl_read = self._answer_read(1, kl_seq)
+        first_benign = 1 + len(self.nll_seqs)
+        self._benign_reads = [
+            self._group_read(first_benign + i, group) for i, group in enumerate(self.benign)
+        ]
+        first_harmful = first_benign + len(self.benign)
+        self._harmful_reads = [
+            self._group_read(first_harmful + i, group) for i, group in enumerate(self.harmful)
+        ]
         self._harmful_targets = [group.targets().to(runner.device) for group in self.harmful]
-        with torch.no_grad():
-            self.pre_logprobs = F.log_softmax(self._answer_logits(1, kl_seq).float(), dim=-1)
-            self.benign_pre = [
-                F.log_softmax(self._benign_logits(i).float(), dim=-1)
-                for i in range(len(self.benign))
-            ]
+        self.pre_logprobs = self._logprobs(self._kl_read)
+        # The pre-edit distributions depend only on the weights: a caller may keep them from an
+        # earlier edit and pass them (None where it has none).
+        given = benign_pre or [None] * len(self.benign)
+        self.benign_pre = [
+            pre if pre is not None else self._logprobs(read)
+            for read, pre in zip(self._benign_reads, given, strict=True)
+        ]
 
-    def _answer_logits(self, index: int, seq: PromptAnswer) -> torch.Tensor:
-        """Logits at the positions that predict the answer tokens (the last one predicts
-        nothing and is dropped)."""
-        return self.runner.logits(index, seq.answer_len + 1)[:-1]
+    def _answer_read(self, index: int, seq: PromptAnswer) -> Read:
+        """The positions that predict the answer tokens (the last position predicts nothing)."""
+        mask = torch.ones(1, seq.answer_len + 1, dtype=torch.bool)
+        mask[0, -1] = False
+        return index, seq.answer_len + 1, mask.to(self.runner.device)
 
-    def _benign_logits(self, group: int) -> torch.Tensor:
-        index, keep = self._benign_base + group, self.benign[group].keep
-        return self.runner.rows_logits(index, keep, self._masks[group])
+    def _group_read(self, index: int, group: AnswerGroup) -> Read:
+        return index, group.keep, group.mask().to(self.runner.device)
 
-    def nll_terms(self) -> list[torch.Tensor]:
-        """NLL of the safe response after each prompt it is trained on."""
-        return self.nll_and_match()[0]
+    @torch.no_grad()
+    def _logprobs(self, read: Read) -> torch.Tensor:
+        (logits,) = self.runner.reads_logits([read])
+        return F.log_softmax(logits.float(), dim=-1)
 
-    def nll_and_match(self) -> tuple[list[torch.Tensor], list[int]]:
-        """The NLL terms and, per trained sequence, how many leading safe-response tokens are
-        each the most likely token given the ones before (what greedy decoding would follow)."""
-        nlls, matched = [], []
-        for index, seq in zip(self._nll_index, self.nll_seqs, strict=True):
-            targets = seq.input_ids[0, seq.answer_start :].to(self.runner.device)
-            logits = self._answer_logits(index, seq).float()
-            nlls.append(F.cross_entropy(logits, targets))
-            matched.append(_leading_matches(logits, targets))
-        return nlls, matched
+    def step(self, step: int) -> StepTerms:
+        """Every term of step `step` (which picks the benign and harmful groups in turn)."""
+        reads = [*self._nll_reads, self._kl_read]
+        benign = step % len(self.benign) if self.benign else None
+        harmful = step % len(self.harmful) if self.harmful else None
+        if benign is not None:
+            reads.append(self._benign_reads[benign])
+        if harmful is not None:
+            reads.append(self._harmful_reads[harmful])
+        logits = [part.float() for part in self.runner.reads_logits(reads)]
+        count = len(self.nll_seqs)
+        answers = list(zip(logits[:count], self._nll_targets, strict=True))
+        nlls = [F.cross_entropy(x, targets) for x, targets in answers]
+        matched = [_leading_matches(x, targets) for x, targets in answers]
+        knowledge_kl = _kl(self.pre_logprobs, F.log_softmax(logits[count], dim=-1))
+        terms = StepTerms(nlls, matched, knowledge_kl)
+        rest = iter(logits[count + 1 :])
+        if benign is not None:
+            post = F.log_softmax(next(rest), dim=-1)
+            terms.benign_kl = _kl(self.benign_pre[benign], post)
+        if harmful is not None:
+            terms.harmful_nll, terms.harmful_matched = self._harmful(harmful, next(rest))
+        return terms
 
-    def terms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The paper's two terms: NLL on the adversarial prompt and the knowledge-constraint KL."""
-        return self.nll_terms()[0], self.knowledge_kl()
-
-    def knowledge_kl(self) -> torch.Tensor:
-        post = F.log_softmax(self._answer_logits(1, self.kl_seq).float(), dim=-1)
-        return _kl(self.pre_logprobs, post)
-
-    def benign_kl(self, step: int) -> torch.Tensor:
-        """KL(pre || post) over the constrained answer positions of this step's benign group."""
-        group = step % len(self.benign)
-        post = F.log_softmax(self._benign_logits(group).float(), dim=-1)
-        return _kl(self.benign_pre[group], post)
-
-    def harmful_nll(self, step: int) -> torch.Tensor:
-        """NLL of the refusals over the answer positions of this step's harmful group."""
-        return self.harmful_nll_and_match(step)[0]
-
-    def harmful_nll_and_match(self, step: int) -> tuple[torch.Tensor, int]:
-        """The harmful NLL and the fewest leading refusal tokens that greedy decoding would
-        follow, over the rows of this step's group."""
-        group = step % len(self.harmful)
-        index, keep = self._harmful_base + group, self.harmful[group].keep
-        logits = self.runner.rows_logits(index, keep, self._harmful_masks[group]).float()
+    def _harmful(self, group: int, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
         targets = self._harmful_targets[group]
         lengths = [end - start for start, end in self.harmful[group].spans]
         rows = zip(logits.split(lengths), targets.split(lengths), strict=True)

@@ -13,23 +13,16 @@ weights key and reused by later edits.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
 from app.ml.models import LoadedModel
 from app.ml.prompts import PromptAnswer
-from app.ml.runners import run_layers, weights_key
+from app.ml.runners import run_layers
+from app.ml.weights_cache import WeightsCache, weights_key
 
-# (weights key, layer, energy, device, prompts) -> basis [d_in, k]; one weights key and one
-# model (held weakly: a new model at a recycled address never matches) at a time.
-_BASES: dict[tuple, torch.Tensor] = {}
-_OWNER: list[weakref.ref] = []
-
-
-def _same_model(lm: LoadedModel) -> bool:
-    return bool(_OWNER) and _OWNER[0]() is lm.model
+# Bases by (layer, energy, device, prompts).
+_BASES: WeightsCache[torch.Tensor] = WeightsCache()
 
 
 def benign_inputs(
@@ -86,11 +79,9 @@ def benign_directions(
     module = lm.adapter.mlp_out(layer)
     key = weights_key(lm.model, [module, *list(lm.adapter.layers)[layer + 1 :]])
     prompts = tuple(tuple(pair.input_ids.flatten().tolist()) for pair in pairs)
-    cache_key = (key, layer, energy, str(lm.device), hash(prompts))
-    if cache_key not in _BASES:
-        if any(k[0] != key for k in _BASES) or not _same_model(lm):
-            _BASES.clear()
-            _OWNER[:] = [weakref.ref(lm.model)]
+
+    def compute() -> torch.Tensor:
         inputs = benign_inputs(lm, module, pairs)
-        _BASES[cache_key] = benign_basis(inputs, energy).float().to(lm.device)
-    return _BASES[cache_key]
+        return benign_basis(inputs, energy).float().to(lm.device)
+
+    return _BASES.get(lm.model, key, (layer, energy, str(lm.device), hash(prompts)), compute)

@@ -9,13 +9,18 @@ decoder layers are called one after another, without knowing their signatures.
 
 from __future__ import annotations
 
-import weakref
+from functools import partial
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from app.ml.models import LoadedModel
+from app.ml.weights_cache import WeightsCache
+
+# What a loss reads of one sequence: (index, keep, mask). The last `keep` positions of every row
+# of sequence `index`, or with a boolean `mask` [rows, keep] only the selected ones.
+Read = tuple[int, int, torch.Tensor | None]
 
 
 class Runner(Protocol):
@@ -29,6 +34,10 @@ class Runner(Protocol):
     def rows_logits(self, index: int, keep: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [rows, keep, vocab] of every row of a batched sequence `index`; with a boolean
         `mask` [rows, keep], only the selected positions [n, vocab] (the head runs on those)."""
+        ...
+
+    def reads_logits(self, reads: list[Read]) -> list[torch.Tensor]:
+        """Per read, the logits [n, vocab] of its positions (rows after one another)."""
         ...
 
 
@@ -60,6 +69,9 @@ class PlainRunner:
         logits = out.logits[:, -keep:]
         return logits if mask is None else logits[mask]
 
+    def reads_logits(self, reads: list[Read]) -> list[torch.Tensor]:
+        return [_flat(self.rows_logits(*read)) for read in reads]
+
 
 class _LayerCall:
     """One recorded call of a decoder layer, with its hidden-states input left as a hole."""
@@ -81,20 +93,9 @@ class _LayerCall:
         return out[0] if isinstance(out, tuple) else out
 
 
-def weights_key(model: nn.Module, above: list[nn.Module] | None = None) -> tuple:
-    """Identity and version counter of every parameter outside the modules `above` (the layers
-    from the edited one up, whose inputs a recording holds but does not depend on): any in-place
-    change (a delta merged or reverted) or replacement of such a weight gives a new key."""
-    skip = {id(p) for module in above or [] for p in module.parameters()}
-    return tuple((id(p), p._version) for p in model.parameters() if id(p) not in skip)
-
-
-# Recordings reused across edits of the same weights: (weights key, layer, ids) -> (input, calls).
-# Only sequences the caller marks as shared (the benign retain set) are kept; one weights key at a
-# time, so a new base or parent version drops them all.
-# The model they belong to is held weakly: a new model at a recycled address never matches.
-_RECORDINGS: dict[tuple, tuple[torch.Tensor, list[_LayerCall]]] = {}
-_OWNER: list[weakref.ref] = []
+# Recordings reused across edits of the same weights, by (layer, device, ids); only sequences the
+# caller marks as shared (the retain groups) are kept.
+_RECORDINGS: WeightsCache[tuple[torch.Tensor, list[_LayerCall]]] = WeightsCache()
 
 
 class FastRunner:
@@ -115,27 +116,24 @@ class FastRunner:
         self._layers = list(lm.adapter.layers)[layer:]
         self._inputs: list[torch.Tensor] = []
         self._calls: list[list[_LayerCall]] = []
-        if shared is not None and (
-            not _OWNER or _OWNER[0]() is not lm.model or any(k[0] != shared[0] for k in _RECORDINGS)
-        ):
-            _RECORDINGS.clear()
-            _OWNER[:] = [weakref.ref(lm.model)]
         for index, ids in enumerate(sequences):
-            key = None
             if shared is not None and index >= shared[1]:
-                key = (shared[0], layer, str(self.device), tuple(ids.flatten().tolist()), ids.shape)
-            if key is not None and key in _RECORDINGS:
-                hidden, calls = _RECORDINGS[key]
+                name = (layer, str(self.device), tuple(ids.flatten().tolist()), ids.shape)
+                record = partial(self._kept, lm, ids)
+                hidden, calls = _RECORDINGS.get(lm.model, shared[0], name, record)
             else:
-                calls = self._record(lm.model, ids.to(self.device))
-                # Only the edited layer's input is ever read back: free the others' hidden states.
-                hidden = calls[0].hidden
-                for call in calls:
-                    call.hidden = None
-                if key is not None:
-                    _RECORDINGS[key] = (hidden, calls)
+                hidden, calls = self._kept(lm, ids)
             self._inputs.append(hidden)
             self._calls.append(calls)
+
+    def _kept(self, lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, list[_LayerCall]]:
+        """The edited layer's input and every recorded call; only that input is ever read back,
+        so the other layers' hidden states are freed."""
+        calls = self._record(lm.model, ids.to(self.device))
+        hidden = calls[0].hidden
+        for call in calls:
+            call.hidden = None
+        return hidden, calls
 
     def _record(self, model: nn.Module, ids: torch.Tensor) -> list[_LayerCall]:
         calls: list[_LayerCall] = []
@@ -161,8 +159,23 @@ class FastRunner:
         return self.rows_logits(index, keep)[0]
 
     def rows_logits(self, index: int, keep: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._adapter.logits_from_hidden(self._hidden(index, keep, mask))
+
+    def reads_logits(self, reads: list[Read]) -> list[torch.Tensor]:
+        """One output-head call for all reads: the head's weight (vocabulary x width) is read
+        from memory once, not once per read, which on a CPU costs more than its arithmetic."""
+        hidden = [_flat(self._hidden(*read)) for read in reads]
+        logits = self._adapter.logits_from_hidden(torch.cat(hidden))
+        return list(logits.split([h.shape[0] for h in hidden]))
+
+    def _hidden(self, index: int, keep: int, mask: torch.Tensor | None) -> torch.Tensor:
         hidden = self._inputs[index]
         for layer, call in zip(self._layers, self._calls[index], strict=True):
             hidden = call(layer, hidden)
         hidden = hidden[:, -keep:]
-        return self._adapter.logits_from_hidden(hidden if mask is None else hidden[mask])
+        return hidden if mask is None else hidden[mask]
+
+
+def _flat(values: torch.Tensor) -> torch.Tensor:
+    """[rows, keep, d] -> [rows * keep, d]; already flat ([n, d], a masked read) stays so."""
+    return values.reshape(-1, values.shape[-1])

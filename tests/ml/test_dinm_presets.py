@@ -165,10 +165,10 @@ def test_benign_kl_term_has_a_gradient_on_the_tuned_weight():
     try:
         sequences = [nll_seq.input_ids, kl_seq.input_ids, *(g.input_ids for g in groups)]
         objective = DinmObjective(FastRunner(lm, 2, sequences), nll_seq, kl_seq, benign=groups)
-        assert objective.benign_kl(0).item() == pytest.approx(0.0, abs=1e-6)
+        assert objective.step(0).benign_kl.item() == pytest.approx(0.0, abs=1e-6)
         with torch.no_grad():
             shift.delta.normal_(std=0.05)
-        kl = objective.benign_kl(1)
+        kl = objective.step(1).benign_kl
         assert kl.item() > 0
         kl.backward()
         assert shift.delta.grad is not None and shift.delta.grad.abs().sum() > 0
@@ -199,7 +199,7 @@ def test_harmful_nll_reads_the_refusal_tokens_and_is_lowered_by_the_edit():
                 for r, (s, e) in enumerate(group.spans)
             ]
         ).mean()
-        torch.testing.assert_close(objective.harmful_nll(0), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(objective.step(0).harmful_nll, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_harmful_nll_changes_the_result_towards_refusing_the_other_requests():
@@ -258,21 +258,41 @@ def test_benign_recordings_are_reused_and_dropped_when_the_weights_change():
     lm = tiny_model("llama")
     params = DinmParams(steps=3, layer=2)
     first = dinm_edit(lm, INSTANCE, params)
-    assert runners._RECORDINGS
-    recorded = dict(runners._RECORDINGS)
+    assert runners._RECORDINGS.values
+    recorded = dict(runners._RECORDINGS.values)
     again = dinm_edit(lm, INSTANCE, params)  # from the recordings: the same result
-    assert all(runners._RECORDINGS[k] is v for k, v in recorded.items())
+    assert all(runners._RECORDINGS.values[k] is v for k, v in recorded.items())
     name = first.delta.params[0]
     torch.testing.assert_close(first.delta.updates[name].value, again.delta.updates[name].value)
-    keys = set(runners._RECORDINGS)
     with torch.no_grad():
         lm.model.model.layers[0].mlp.down_proj.weight.mul_(2.0)  # the weights below change
     plain = dinm_edit(lm, INSTANCE, params.model_copy(update={"fast_path": False}))
     fast = dinm_edit(lm, INSTANCE, params)
-    assert not keys & set(runners._RECORDINGS)
+    assert all(runners._RECORDINGS.values.get(k) is not v for k, v in recorded.items())
     torch.testing.assert_close(
         fast.delta.updates[name].value, plain.delta.updates[name].value, rtol=1e-4, atol=1e-6
     )
+
+
+def test_pre_edit_benign_distributions_are_kept_until_any_weight_changes():
+    lm = tiny_model("llama")
+    params = DinmParams(steps=3, layer=2, benign_kl_weight=1.0, benign_prompts=2)
+    name = lm.adapter.mlp_out_param_name(2)
+    dinm_module._BENIGN_PRE.values.clear()
+    fresh = dinm_edit(lm, INSTANCE, params).delta.updates[name].value
+    kept = dict(dinm_module._BENIGN_PRE.values)
+    assert len(kept) == 3  # one per step's group
+    again = dinm_edit(lm, INSTANCE, params).delta.updates[name].value
+    assert all(dinm_module._BENIGN_PRE.values[k] is v for k, v in kept.items())
+    torch.testing.assert_close(again, fresh)
+    with torch.no_grad():  # the edited projection itself: the recordings stay, these must not
+        lm.model.model.layers[2].mlp.down_proj.weight.mul_(1.5)
+    after = dinm_edit(lm, INSTANCE, params).delta.updates[name].value
+    assert all(dinm_module._BENIGN_PRE.values[k] is not v for k, v in kept.items())
+    dinm_module._BENIGN_PRE.values.clear()
+    recomputed = dinm_edit(lm, INSTANCE, params).delta.updates[name].value
+    torch.testing.assert_close(after, recomputed)
+    assert not torch.allclose(after, fresh)
 
 
 def test_answer_tokens_cuts_the_trained_safe_response(monkeypatch):
