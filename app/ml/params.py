@@ -185,7 +185,16 @@ class DinmParams(Params):
         preset = data.get("preset", DEFAULT_PRESET)
         if not isinstance(preset, str) or preset not in PRESETS:
             return data  # the field's own validation names the error
-        return {**PRESETS[preset], **data}
+        merged = {**PRESETS[preset], **data}
+        # Asked for by name, a knob that would silently do nothing is an error.
+        if data.get("harmful_match") and not (
+            merged.get("stop_match") and merged.get("harmful_nll_weight")
+        ):
+            raise ValueError(
+                "harmful_match needs stop_match and harmful_nll_weight above 0: it makes the "
+                "stop wait for the refusals of the harmful groups"
+            )
+        return merged
 
     def suffix(self) -> str | None:
         return PAPER_SUFFIX if self.suffix_system_prompt == "paper" else self.suffix_system_prompt

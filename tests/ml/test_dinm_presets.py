@@ -74,11 +74,18 @@ def test_default_preset_is_applied_and_explicit_fields_override_it():
         ({"harmful_nll_weight": -1}, "params.harmful_nll_weight"),
         ({"harmful_prompts": 0}, "params.harmful_prompts"),
         ({"harmful_match": 9}, "params.harmful_match"),
+        ({"preset": "paper", "harmful_match": 1}, "params: harmful_match needs stop_match"),
+        ({"preset": "contrastive", "stop_match": 0, "harmful_match": 1}, "harmful_match needs"),
     ],
 )
 def test_new_knobs_are_validated(params, field):
     with pytest.raises(InputError, match=field):
         DinmParams.parse(params)
+
+
+def test_a_preset_s_harmful_match_gives_way_when_its_stop_is_turned_off():
+    assert DinmParams.parse({"preset": "contrastive", "stop_match": 0}).harmful_match == 1
+    assert DinmParams.parse({"harmful_nll_weight": 0.1, "stop_match": 2, "harmful_match": 1})
 
 
 def test_retain_set_is_packaged_and_disjoint_from_the_evaluation_prompts():
