@@ -119,6 +119,10 @@ def main() -> None:
             result = dinm_edit(lm, instance, params)
             if args.edit_only:
                 rows.append({c: None for c in COLUMNS} | {"edit_s": result.edit_seconds})
+                reports.append(
+                    {"preset": preset, "case": instance.id, "bench": rows[-1],
+                     "losses": result.losses}
+                )  # fmt: skip
                 print(f"{instance.id:<6}{result.layer:>6}" + _cells(rows[-1]), flush=True)
                 continue
             with applied(lm.model, [result.delta]):
@@ -168,7 +172,12 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def _cells(row: dict) -> str:
-    return "".join(f"{'-' if row[c] is None else f'{row[c]:.1f}':>13}" for c in COLUMNS)
+    return "".join(
+        f"{'-' if row[c] is None else f'{row[c]:.{_DIGITS.get(c, 1)}f}':>13}" for c in COLUMNS
+    )
+
+
+_DIGITS = {"edit_s": 2}  # edits of under a second are compared with one another
 
 
 if __name__ == "__main__":

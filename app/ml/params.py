@@ -57,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "locate_skip": 1,
     },
 }
-PRESETS["contrastive"] = PRESETS["selective"] | {"harmful_nll_weight": 0.2, "harmful_match": 1}
+PRESETS["contrastive"] = PRESETS["selective"] | {"harmful_nll_weight": 0.15, "harmful_match": 1}
 
 
 class Params(BaseModel):
