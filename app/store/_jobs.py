@@ -42,6 +42,7 @@ def create_job(
     spec: dict[str, Any],
     parent_version_id: int | None = None,
     idempotency_key: str | None = None,
+    request_hash: str | None = None,
     api_key_id: int | None = None,
 ) -> tuple[Job, bool]:
     """Insert a `queued` job; returns (job, created).
@@ -66,6 +67,7 @@ def create_job(
         spec=spec,
         parent_version_id=parent_version_id,
         idempotency_key=idempotency_key,
+        request_hash=request_hash,
         api_key_id=api_key_id,
     )
     session.add(job)

@@ -77,6 +77,8 @@ class Job(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # SHA-256 of the submitting request's canonical body: tells a retry from a reused key.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     worker: Mapped[str | None] = mapped_column(String(255))

@@ -54,6 +54,39 @@ def test_idempotency_key_returns_the_same_job(api, session, redis_queue):
     assert queued_tasks(redis_queue) == 1  # enqueued once
 
 
+def test_a_retry_is_the_same_request_however_it_is_written(api, session, redis_queue):
+    headers = {"Idempotency-Key": "spelled-out"}
+    first = api.post("/v1/jobs", json=dinm_body(), headers=headers).json()
+    body = dict(reversed(dinm_body().items()))
+    body["params"] = {"steps": 2, "preset": DEFAULT_PRESET, "lr": DinmParams().lr}  # the defaults
+    again = api.post("/v1/jobs", json=body, headers=headers)
+    assert again.status_code == 202 and again.json()["id"] == first["id"]
+    assert crud.count_jobs(session=session) == 1
+
+
+def test_a_key_reused_with_another_body_is_refused_and_makes_no_job(api, session, redis_queue):
+    headers = {"Idempotency-Key": "used-once"}
+    first = api.post("/v1/jobs", json=dinm_body(), headers=headers).json()
+    other = api.post("/v1/jobs", json=dinm_body(params={"steps": 3}), headers=headers)
+    error = assert_error(other, 422, param="Idempotency-Key")
+    assert error["code"] == "idempotency_key_reused" and first["id"] in error["message"]
+    assert crud.count_jobs(session=session) == 1 and queued_tasks(redis_queue) == 1
+
+
+def test_a_key_used_by_another_api_key_is_a_conflict_not_their_job(api, session, redis_queue):
+    made = api.post("/v1/keys", json={"name": "second", "role": "editor"}).json()
+    headers = {"Idempotency-Key": "shared-by-chance"}
+    mine = api.post("/v1/jobs", json=dinm_body(), headers=headers).json()
+    theirs = api.post(
+        "/v1/jobs",
+        json=dinm_body(),
+        headers=headers | {"Authorization": f"Bearer {made['key']}"},
+    )
+    error = assert_error(theirs, 409, param="Idempotency-Key")
+    assert error["code"] == "idempotency_key_in_use" and mine["id"] not in error["message"]
+    assert crud.count_jobs(session=session) == 1
+
+
 def test_idempotent_retry_of_a_finished_job_is_not_a_name_conflict(api, session):
     headers = {"Idempotency-Key": "k-done"}
     job = api.post("/v1/jobs", json=dinm_body(name="done-name"), headers=headers).json()

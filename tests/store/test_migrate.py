@@ -36,7 +36,7 @@ def test_upgrade_downgrade_upgrade(backend: str, new_database: Callable[[str], s
 
     migrate.upgrade(url)
     assert _tables(url) == TABLES
-    assert migrate.current_revision(url) == migrate.head_revision() == "0004"
+    assert migrate.current_revision(url) == migrate.head_revision() == "0005"
 
     migrate.downgrade(url, "base")
     assert _tables(url) == set()

@@ -3,6 +3,8 @@ server-sent events."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
@@ -26,7 +28,7 @@ from app.api.schemas import (
 )
 from app.store import crud
 from app.store.errors import NotFound
-from app.store.models import Version
+from app.store.models import Job, Version
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_PAGE = 1000  # the store's own cap on a page
@@ -57,15 +59,17 @@ def submit_job(
 
     `dinm` and `unlearn` make a new version on top of `parent`; `eval` runs suites on `model` and
     attaches the results to it (its job's `parent` is the evaluated version)."""
+    job_in = body.root
+    request_hash = _request_hash(job_in) if idempotency_key is not None else None
     if idempotency_key is not None:
         existing = crud.find_job_by_idempotency_key(session=session, key=idempotency_key)
         if existing is not None:
+            _check_retry(existing, caller, request_hash)
             if crud.requeue_unsent_job(session=session, job_id=existing.id):
                 _enqueue(session, broker, existing.id)  # the broker is back: send it now
             else:
                 response.headers["Idempotent-Replayed"] = "true"
             return JobPublic.from_row(crud.get_job(session=session, job_id=existing.id))
-    job_in = body.root
     parent_id, spec = _prepare(session, job_in)
     _check_active_jobs(session, caller, settings.max_active_jobs_per_key)
     job, created = crud.create_job(
@@ -74,13 +78,43 @@ def submit_job(
         spec=spec,
         parent_version_id=parent_id,
         idempotency_key=idempotency_key,
+        request_hash=request_hash,
         api_key_id=caller.key_id,
     )
     if created:
         _enqueue(session, broker, job.id)
-    else:
+    else:  # a concurrent request with the same key won the insert
+        _check_retry(job, caller, request_hash)
         response.headers["Idempotent-Replayed"] = "true"
     return JobPublic.from_row(crud.get_job(session=session, job_id=job.id))
+
+
+def _request_hash(job: DinmJobCreate | UnlearnJobCreate | EvalJobCreate) -> str:
+    """SHA-256 of the validated body in canonical JSON: the same request, however written
+    (key order, defaults spelled out or left out), has the same hash."""
+    canonical = json.dumps(job.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _check_retry(job: Job, caller: Principal, request_hash: str | None) -> None:
+    """A request with a used Idempotency-Key must be a retry: the same key's owner and the same
+    body (a job from before request hashes were kept is taken at its word)."""
+    if job.api_key_id != caller.key_id:
+        raise ApiError(
+            409,
+            "this Idempotency-Key was already used by another API key; choose a unique key "
+            "per job (a UUID)",
+            param="Idempotency-Key",
+            code="idempotency_key_in_use",
+        )
+    if job.request_hash is not None and job.request_hash != request_hash:
+        raise ApiError(
+            422,
+            f"this Idempotency-Key was used for job {job.id} with a different body; a retry "
+            "must send the same body, a new job needs a new key",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
 
 
 def _check_active_jobs(session: Session, caller: Principal, limit: int) -> None:
