@@ -4,7 +4,9 @@
 layer changes: one full forward pass records the inputs every layer from the edited one upwards
 receives (hidden states, masks, rotary embeddings — whatever that architecture passes), and each
 later call replays only those layers and the output head. This works for any architecture whose
-decoder layers are called one after another, without knowing their signatures.
+decoder layers are called one after another, without knowing their signatures. It also passes
+every read of a step through the output head in one call. `PlainRunner`, the model's own logits
+one call per read, is the reference the tests hold it to.
 """
 
 from __future__ import annotations
