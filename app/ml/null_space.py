@@ -25,27 +25,47 @@ from app.ml.weights_cache import WeightsCache, weights_key
 _BASES: WeightsCache[torch.Tensor] = WeightsCache()
 
 
+# Pairs per forward pass while collecting the inputs: one pass per pair reads every weight once a
+# pair, which on a CPU costs more than the arithmetic of a short prompt.
+INPUT_BATCH = 16
+
+
 def benign_inputs(
     lm: LoadedModel, module: nn.Module, pairs: list[PromptAnswer]
 ) -> list[torch.Tensor]:
-    """Per pair, [n, d_in] inputs of `module` at the positions that predict its answer tokens."""
+    """Per pair, [n, d_in] inputs of `module` at the positions that predict its answer tokens.
+
+    Pairs go through the model in right-padded batches: with causal attention no real token sees
+    the padding after it (token 0, valid in every vocabulary), so each row's inputs are those of
+    the pair alone."""
+    # Batched by length, so little is padded; the rows come back in the pairs' order.
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].input_ids.shape[1])
+    rows: dict[int, torch.Tensor] = {}
+    for first in range(0, len(order), INPUT_BATCH):
+        batch = order[first : first + INPUT_BATCH]
+        ids = torch.full((len(batch), pairs[batch[-1]].input_ids.shape[1]), 0)
+        for r, i in enumerate(batch):
+            ids[r, : pairs[i].input_ids.shape[1]] = pairs[i].input_ids[0]
+        inputs = _module_inputs(lm, module, ids)
+        for r, i in enumerate(batch):
+            start, end = max(pairs[i].answer_start - 1, 0), pairs[i].input_ids.shape[1] - 1
+            rows[i] = inputs[r, start:end].double()
+    return [rows[i] for i in range(len(pairs))]
+
+
+def _module_inputs(lm: LoadedModel, module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """[B, T, d_in]: what `module` receives when the model runs on `ids` [B, T]."""
     seen: list[torch.Tensor] = []
 
     def keep(_module: nn.Module, args: tuple) -> None:
-        inputs = args[0].detach()  # [1, T, d_in], or [T, d_in] (OPT flattens the batch)
-        seen.append(inputs.reshape(-1, inputs.shape[-1]))
+        seen.append(args[0].detach())  # [B, T, d_in], or [B * T, d_in] (OPT flattens the batch)
 
     hook = module.register_forward_pre_hook(keep)
     try:
-        for pair in pairs:
-            run_layers(lm.model, pair.input_ids.to(lm.device))
+        run_layers(lm.model, ids.to(lm.device))
     finally:
         hook.remove()
-    rows = [
-        inputs[max(pair.answer_start - 1, 0) : pair.input_ids.shape[1] - 1].double()
-        for pair, inputs in zip(pairs, seen, strict=True)
-    ]
-    return rows
+    return seen[0].reshape(*ids.shape, -1)
 
 
 def benign_basis(rows: list[torch.Tensor], energy: float) -> torch.Tensor:
