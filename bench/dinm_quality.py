@@ -8,7 +8,7 @@ base model, then, with the delta applied (and removed again afterwards), the met
 - over-refusal: share of `tests/data/benign_prompts.json` the edited model refuses minus the share
   the base model refuses (offline judge, harmful=False), in points, `--short-tokens` new tokens;
   `heldout_or` is the same on `tests/data/benign_heldout.json`, a second benign set written after
-  the presets were tuned and never used to tune them;
+  the presets were tuned (only `contrastive`'s last change was picked with it in view);
 - facts kept: share of `tests/data/general_questions.json` answers that still contain their fact
   keyword (case-insensitive), `--short-tokens` new tokens; the base's share is printed too;
 - edit seconds (locate + tune, evaluation excluded).
@@ -113,7 +113,7 @@ def main() -> None:
         print(f"\n== {preset}: {params.model_dump_json()}")
         print(f"{'case':<6}{'layer':>6}" + "".join(f"{c:>13}" for c in COLUMNS), flush=True)
         rows = []
-        if args.edit_only:  # the projector and the retain recordings, made once, not timed
+        if args.edit_only:  # what later edits reuse (app/ml/weights_cache.py), made untimed
             dinm_edit(lm, instances[0], params)
         for instance in instances:
             result = dinm_edit(lm, instance, params)

@@ -49,7 +49,7 @@ from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner, PlainRunner, Runner, run_layers
 from app.ml.safeedit import SafeEditInstance
 from app.ml.weight_shift import WeightShift, weight_shifts
-from app.ml.weights_cache import WeightsCache, weights_key
+from app.ml.weights_cache import WeightsCache, ids_key, weights_key
 
 Progress = Callable[[str, float], None]
 CancelCheck = Callable[[], bool]
@@ -227,7 +227,7 @@ def _tune(
     else:
         runner = PlainRunner(lm, lowest, sequences)
     kept = _BENIGN_PRE.values_for(lm.model, full_key)
-    names = [(str(lm.device), _ids(group.input_ids), tuple(group.spans)) for group in benign]
+    names = [(str(lm.device), ids_key(group.input_ids), tuple(group.spans)) for group in benign]
     objective = DinmObjective(
         runner,
         nll_seq,
@@ -280,7 +280,3 @@ def _done(params: DinmParams, terms: StepTerms, loss: float, nll_seqs: list[Prom
         m >= min(params.stop_match, seq.answer_len)
         for m, seq in zip(terms.matched, nll_seqs, strict=True)
     )
-
-
-def _ids(ids: torch.Tensor) -> tuple:
-    return (tuple(ids.shape), *ids.flatten().tolist())

@@ -29,7 +29,7 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 
-from app.ml.prompts import PromptAnswer
+from app.ml.prompts import PromptAnswer, right_padded
 from app.ml.runners import Read, Runner
 
 GROUP_ANSWER_TOKENS = 8
@@ -94,10 +94,8 @@ def answer_groups(
         for pair in rows:
             start = max(pair.answer_start, 1)
             spans.append((start, min(pair.input_ids.shape[1], start + GROUP_ANSWER_TOKENS)))
-        ids = torch.full((len(rows), max(end for _, end in spans)), pad_id, dtype=torch.long)
-        for r, (pair, (_, end)) in enumerate(zip(rows, spans, strict=True)):
-            ids[r, :end] = pair.input_ids[0, :end]
-        groups.append(AnswerGroup(ids, spans))
+        cut = [pair.input_ids[0, :end] for pair, (_, end) in zip(rows, spans, strict=True)]
+        groups.append(AnswerGroup(right_padded(cut, pad_id), spans))
     return groups
 
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from app.ml.models import LoadedModel
-from app.ml.prompts import PromptAnswer
+from app.ml.prompts import PromptAnswer, right_padded
 from app.ml.runners import run_layers
-from app.ml.weights_cache import WeightsCache, weights_key
+from app.ml.weights_cache import WeightsCache, ids_key, weights_key
 
 # Bases by (layer, energy, device, prompts).
 _BASES: WeightsCache[torch.Tensor] = WeightsCache()
@@ -35,17 +35,14 @@ def benign_inputs(
 ) -> list[torch.Tensor]:
     """Per pair, [n, d_in] inputs of `module` at the positions that predict its answer tokens.
 
-    Pairs go through the model in right-padded batches: with causal attention no real token sees
-    the padding after it (token 0, valid in every vocabulary), so each row's inputs are those of
-    the pair alone."""
+    Pairs go through the model in right-padded batches (token 0, valid in every vocabulary); each
+    row's inputs are those of the pair alone."""
     # Batched by length, so little is padded; the rows come back in the pairs' order.
     order = sorted(range(len(pairs)), key=lambda i: pairs[i].input_ids.shape[1])
     rows: dict[int, torch.Tensor] = {}
     for first in range(0, len(order), INPUT_BATCH):
         batch = order[first : first + INPUT_BATCH]
-        ids = torch.full((len(batch), pairs[batch[-1]].input_ids.shape[1]), 0)
-        for r, i in enumerate(batch):
-            ids[r, : pairs[i].input_ids.shape[1]] = pairs[i].input_ids[0]
+        ids = right_padded([pairs[i].input_ids[0] for i in batch], pad_id=0)
         inputs = _module_inputs(lm, module, ids)
         for r, i in enumerate(batch):
             start, end = max(pairs[i].answer_start - 1, 0), pairs[i].input_ids.shape[1] - 1
@@ -98,7 +95,7 @@ def benign_directions(
     above it (so an edit of them, applied and reverted, keeps the cache)."""
     module = lm.adapter.mlp_out(layer)
     key = weights_key(lm.model, [module, *list(lm.adapter.layers)[layer + 1 :]])
-    prompts = tuple(tuple(pair.input_ids.flatten().tolist()) for pair in pairs)
+    prompts = tuple(ids_key(pair.input_ids) for pair in pairs)
 
     def compute() -> torch.Tensor:
         inputs = benign_inputs(lm, module, pairs)

@@ -56,3 +56,13 @@ def encode_prompt_answer(
     prompt = prompt[overflow:]
     ids = torch.tensor([prompt + target], dtype=torch.long)
     return PromptAnswer(input_ids=ids, answer_start=len(prompt), truncated=overflow)
+
+
+def right_padded(rows: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+    """[len(rows), longest] token ids, each row from the left and `pad_id` after it. With causal
+    attention no real token sees the padding after it, so no mask is needed: every real
+    position's outputs are those of its row alone."""
+    ids = torch.full((len(rows), max(row.shape[0] for row in rows)), pad_id, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : row.shape[0]] = row
+    return ids

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from app.ml.models import LoadedModel
-from app.ml.weights_cache import WeightsCache
+from app.ml.weights_cache import WeightsCache, ids_key
 
 # What a loss reads of one sequence: (index, keep, mask). The last `keep` positions of every row
 # of sequence `index`, or with a boolean `mask` [rows, keep] only the selected ones.
@@ -120,7 +120,7 @@ class FastRunner:
         self._calls: list[list[_LayerCall]] = []
         for index, ids in enumerate(sequences):
             if shared is not None and index >= shared[1]:
-                name = (layer, str(self.device), tuple(ids.flatten().tolist()), ids.shape)
+                name = (layer, str(self.device), ids_key(ids))
                 record = partial(self._kept, lm, ids)
                 hidden, calls = _RECORDINGS.get(lm.model, shared[0], name, record)
             else:

@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
+import torch
 from torch import nn
 
 T = TypeVar("T")
@@ -26,6 +27,11 @@ def weights_key(model: nn.Module, above: list[nn.Module] | None = None) -> tuple
     an edit registers its parametrisations: they add parameters of their own."""
     skip = {id(p) for module in above or [] for p in module.parameters()}
     return tuple((id(p), p._version) for p in model.parameters() if id(p) not in skip)
+
+
+def ids_key(ids: torch.Tensor) -> tuple:
+    """A hashable name for a tensor of token ids: its shape and values."""
+    return (tuple(ids.shape), *ids.flatten().tolist())
 
 
 class WeightsCache(Generic[T]):
