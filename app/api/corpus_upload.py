@@ -9,14 +9,12 @@ first bad line (`param` "line N"), 422 `empty_corpus` when no line holds a docum
 
 from __future__ import annotations
 
-import re
-
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from app.api.errors import ApiError
-from app.ml.corpus import MAX_LINE_BYTES, CorpusError, Document, parse_line
+from app.ml.corpus import MAX_LINE_BYTES, CorpusError, Document, check_unicode, parse_line
 
 CONTENT_TYPES = (
     "application/x-ndjson",
@@ -29,15 +27,6 @@ EXAMPLE = (
     '{"text": "Women cannot lead.", "id": "g-17"}\n'
     '"a bare string is a document without spans"\n'
 )
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def check_unicode(document: Document) -> Document:
-    """The document, or CorpusError when its text or id holds an unpaired surrogate (a JSON
-    escape such as "\\ud800" alone): not valid Unicode, so neither storable nor tokenizable."""
-    if _SURROGATE.search(document.text) or (document.id and _SURROGATE.search(document.id)):
-        raise CorpusError("an unpaired surrogate escape (\\ud800-\\udfff): not valid Unicode")
-    return document
 
 
 class LineReader:

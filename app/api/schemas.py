@@ -22,8 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from app.api.corpus_upload import check_unicode
-from app.ml.corpus import CorpusError, Document, parse_document
+from app.ml.corpus import CorpusError, Document, check_unicode, document_json, parse_document
 from app.ml.params import DinmParams
 from app.ml.safeedit import SafeEditInstance
 from app.ml.unlearn_params import UnlearnMethod, UnlearnParams
@@ -138,7 +137,7 @@ class CorpusDocument(BaseModel):
 DocumentIn = Annotated[
     Document,
     PlainValidator(_document, json_schema_input_type=str | CorpusDocument),
-    PlainSerializer(crud.document_json, return_type=dict[str, Any]),
+    PlainSerializer(document_json, return_type=dict[str, Any]),
 ]
 Documents = Annotated[list[DocumentIn], Field(min_length=1, max_length=MAX_INLINE_DOCUMENTS)]
 CorpusRef = Annotated[str, Field(min_length=1, max_length=64, description="a corpus id or name")]

@@ -37,6 +37,7 @@ ALLOWED_KEYS = frozenset({"text", "harmful_spans", "id", "meta"})
 MAX_LINE_BYTES = 1_000_000
 DEFAULT_THRESHOLD = 0.8
 _WORD = re.compile(r"[\w'-]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class CorpusError(InputError):
@@ -57,6 +58,24 @@ class Document:
     @property
     def harmful_text(self) -> list[str]:
         return [self.text[a:b] for a, b in self.harmful_spans or ()]
+
+
+def document_json(document: Document) -> dict[str, Any]:
+    """The normalised JSON of a document (how corpora and job specs store it)."""
+    data: dict[str, Any] = {"text": document.text}
+    if document.harmful_spans is not None:
+        data["harmful_spans"] = [[start, end] for start, end in document.harmful_spans]
+    if document.id is not None:
+        data["id"] = document.id
+    return data
+
+
+def check_unicode(document: Document) -> Document:
+    """The document, or CorpusError when its text or id holds an unpaired surrogate (a JSON
+    escape such as "\\ud800" alone): not valid Unicode, so neither storable nor tokenizable."""
+    if _SURROGATE.search(document.text) or (document.id and _SURROGATE.search(document.id)):
+        raise CorpusError("an unpaired surrogate escape (\\ud800-\\udfff): not valid Unicode")
+    return document
 
 
 def parse_document(data: Any, line: int | None = None) -> Document:

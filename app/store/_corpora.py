@@ -1,8 +1,9 @@
 """Uploaded unlearning corpora: validated documents stored as normalised JSON Lines, checksummed.
 
-One document a line, as `document_json` writes it: `{"text": ..., "harmful_spans": [[a, b], ...]
-(only when the document has explicit spans), "id": ... (only when it has one)}`. `sha256` and
-`nbytes` are of the stored content and are verified before the documents are read back.
+One document a line, as `app.ml.corpus.document_json` writes it: `{"text": ..., "harmful_spans":
+[[a, b], ...] (only when the document has explicit spans), "id": ... (only when it has one)}`.
+`sha256` and `nbytes` are of the stored content and are verified before the documents are read
+back.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import json
 import re
 import uuid
 from collections.abc import Iterable
-from typing import Any
 
 from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.ml.corpus import CorpusError, Document, parse_line
+from app.ml.corpus import CorpusError, Document, document_json, parse_line
 from app.store._versions import NAME_PATTERN, RESERVED_NAMES
 from app.store.errors import (
     CorpusInUse,
@@ -54,16 +54,6 @@ def _is_uuid(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def document_json(document: Document) -> dict[str, Any]:
-    """The normalised JSON of a document (how corpora and job specs store it)."""
-    data: dict[str, Any] = {"text": document.text}
-    if document.harmful_spans is not None:
-        data["harmful_spans"] = [[start, end] for start, end in document.harmful_spans]
-    if document.id is not None:
-        data["id"] = document.id
-    return data
 
 
 def corpus_line(document: Document) -> bytes:

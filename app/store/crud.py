@@ -13,7 +13,6 @@ from app.store._corpora import (
     corpus_name_exists,
     create_corpus,
     delete_corpus,
-    document_json,
     get_corpus,
     list_corpora,
 )
@@ -112,7 +111,6 @@ __all__ = [
     "delete_corpus",
     "delta_summaries",
     "delta_summary",
-    "document_json",
     "encode_cursor",
     "experiment_name_exists",
     "find_job_by_idempotency_key",
