@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import uuid
 from collections.abc import Iterable
 
 from sqlalchemy import delete, or_, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.ml.corpus import CorpusError, Document, document_json, parse_line
-from app.store._versions import NAME_PATTERN, RESERVED_NAMES
+from app.store._rows import MAX_PAGE, add_unique, name_problem
 from app.store.errors import (
     CorpusInUse,
     CorruptCorpus,
@@ -29,20 +27,13 @@ from app.store.errors import (
 )
 from app.store.models import Corpus, Job
 
-MAX_PAGE = 1000
-_NAME = re.compile(NAME_PATTERN)
-
 
 def check_corpus_name(name: str) -> str:
     """`name` if it may name a corpus: the rules of version names (1-64 of [A-Za-z0-9._-],
     alphanumeric first, not "base"/"latest"), and not of a corpus id's form (a UUID)."""
-    if name.lower() in RESERVED_NAMES:
-        raise InvalidCorpusName(f"{name!r} is reserved; choose another corpus name")
-    if not _NAME.fullmatch(name):
-        raise InvalidCorpusName(
-            f"invalid corpus name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
+    problem = name_problem(name, "corpus")
+    if problem is not None:
+        raise InvalidCorpusName(problem)
     if _is_uuid(name):
         raise InvalidCorpusName(f"invalid corpus name {name!r}: it looks like a corpus id")
     return name
@@ -95,14 +86,12 @@ def create_corpus(
         sha256=hashlib.sha256(data).hexdigest(),
         content=data,
     )
-    session.add(corpus)
-    try:
-        session.commit()
-    except IntegrityError as exc:
-        session.rollback()
-        if name is not None and corpus_name_exists(session=session, name=name):
-            raise DuplicateCorpusName(name) from exc
-        raise
+
+    def clash() -> Exception | None:
+        taken = name is not None and corpus_name_exists(session=session, name=name)
+        return DuplicateCorpusName(name) if taken else None
+
+    add_unique(session, corpus, clash=clash)
     return corpus
 
 

@@ -10,14 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import case, func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.store._rows import MAX_PAGE, add_unique
 from app.store._types import utcnow
 from app.store.errors import DuplicateExperimentName, ExperimentStopped, NotFound
 from app.store.models import Experiment, ExperimentOutcome
-
-MAX_PAGE = 1000
 
 
 def create_experiment(
@@ -32,14 +30,15 @@ def create_experiment(
     experiment = Experiment(
         name=name, arms=arms, judge=judge, keep_text=keep_text, api_key_id=api_key_id
     )
-    session.add(experiment)
-    try:
-        session.commit()
-    except IntegrityError as exc:
-        session.rollback()
-        if experiment_name_exists(session=session, name=name):
-            raise DuplicateExperimentName(name) from exc
-        raise
+    add_unique(
+        session,
+        experiment,
+        clash=lambda: (
+            DuplicateExperimentName(name)
+            if experiment_name_exists(session=session, name=name)
+            else None
+        ),
+    )
     return experiment
 
 

@@ -18,16 +18,15 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, and_, false, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.store._rows import MAX_PAGE, add_unique
 from app.store._types import utcnow
 from app.store.errors import InvalidCursor, NotFound
 from app.store.models import JOB_KINDS, JOB_STATUSES, Job
 
 ACTIVE_STATUSES = ("queued", "running")
 UNSENT = "broker_unavailable"  # the error code of a job the broker never received
-MAX_PAGE = 1000
 
 
 class JobPage(NamedTuple):
@@ -70,16 +69,23 @@ def create_job(
         request_hash=request_hash,
         api_key_id=api_key_id,
     )
-    session.add(job)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
+
+    def clash() -> Exception | None:
         existing = _by_idempotency_key(session, idempotency_key) if idempotency_key else None
-        if existing is None:
-            raise
-        return existing, False
+        return None if existing is None else _Replay(existing)
+
+    try:
+        add_unique(session, job, clash=clash)
+    except _Replay as replay:
+        return replay.job, False
     return job, True
+
+
+class _Replay(Exception):
+    """The idempotency key is taken (by a concurrent request): its job is the answer."""
+
+    def __init__(self, job: Job):
+        self.job = job
 
 
 def find_job_by_idempotency_key(*, session: Session, key: str) -> Job | None:

@@ -14,10 +14,10 @@ from datetime import datetime
 from typing import Any, TypedDict
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import flag_modified
 
+from app.store._rows import add_unique, name_problem
 from app.store._types import utcnow
 from app.store.errors import (
     BaseFingerprintMismatch,
@@ -30,10 +30,6 @@ from app.store.errors import (
 )
 from app.store.models import DELTA_ENCODINGS, VERSION_KINDS, DeltaRow, Job, Version
 
-RESERVED_NAMES = frozenset({"base", "latest"})
-# The form of a name (versions, corpora, experiments): 1-64 of [A-Za-z0-9._-], alphanumeric first.
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-_NAME = re.compile(NAME_PATTERN)
 _DEFAULT_NAME = re.compile(r"v(\d+)")
 _NAME_RACE_RETRIES = 5
 
@@ -61,15 +57,19 @@ class DeltaSummary(TypedDict):
 
 def check_version_name(name: str) -> str:
     """`name` if it may name a version: 1-64 of [A-Za-z0-9._-], alphanumeric first, not reserved."""
-    if name.lower() in RESERVED_NAMES:
-        raise InvalidVersionName(
-            f"{name!r} is reserved (it names the base model or the newest version)"
-        )
-    if not _NAME.fullmatch(name):
-        raise InvalidVersionName(
-            f"invalid version name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
+    problem = name_problem(name, "version")
+    if problem is not None:
+        raise InvalidVersionName(problem)
+    return name
+
+
+def check_version_name_free(*, session: Session, name: str) -> str:
+    """`name` if a new version may take it: valid, and no version (retired or not) has it;
+    else InvalidVersionName or DuplicateVersionName. The write itself checks again (a
+    concurrent job may take the name meanwhile)."""
+    check_version_name(name)
+    if version_name_exists(session=session, name=name):
+        raise DuplicateVersionName(name)
     return name
 
 
@@ -334,14 +334,12 @@ def _write_version(
         created_at=now,
         retired=False,
     )
-    session.add(version)
-    try:
-        session.flush()
-    except IntegrityError as exc:
-        session.rollback()
-        if version_name_exists(session=session, name=name):
-            raise _NameTaken(name) from exc
-        raise
+    add_unique(
+        session,
+        version,
+        clash=lambda: _NameTaken(name) if version_name_exists(session=session, name=name) else None,
+        commit=False,
+    )
     _add_delta_rows(session, version.id, rows)
     session.execute(
         update(Job)

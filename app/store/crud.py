@@ -60,13 +60,13 @@ from app.store._records import (
     list_api_keys,
     revoke_api_key,
 )
+from app.store._rows import MAX_PAGE, NAME_PATTERN, RESERVED_NAMES
 from app.store._versions import (
-    NAME_PATTERN,
-    RESERVED_NAMES,
     ChainBlobs,
     DeltaIn,
     DeltaSummary,
     check_version_name,
+    check_version_name_free,
     delta_summaries,
     delta_summary,
     finish_job_evaluated,
@@ -84,6 +84,7 @@ from app.store._versions import (
 )
 
 __all__ = [
+    "MAX_PAGE",
     "NAME_PATTERN",
     "RESERVED_NAMES",
     "UNSENT",
@@ -96,6 +97,7 @@ __all__ = [
     "attempts_exhausted",
     "check_corpus_name",
     "check_version_name",
+    "check_version_name_free",
     "claim_job",
     "corpus_documents",
     "corpus_line",

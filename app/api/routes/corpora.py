@@ -16,7 +16,7 @@ from app.store import crud
 from app.store.errors import DuplicateCorpusName
 
 router = APIRouter(prefix="/v1/corpora", tags=["corpora"])
-MAX_PAGE = 1000
+
 
 _UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
@@ -72,7 +72,7 @@ async def upload_corpus(
 @router.get("", response_model=CorpusList, dependencies=[Reader])
 def list_corpora(
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="corpora to list")] = 100,
+    limit: Annotated[int, Query(ge=1, le=crud.MAX_PAGE, description="corpora to list")] = 100,
 ) -> CorpusList:
     """Newest first."""
     corpora = crud.list_corpora(session=session, limit=limit)

@@ -30,7 +30,7 @@ from app.store import crud
 from app.store.errors import DuplicateExperimentName, NotFound
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
-MAX_PAGE = 1000
+
 Name = Annotated[str, Path(max_length=64, description="the experiment's name")]
 FEEDBACK_WAIT_S = 5.0  # a response is recorded moments after it is served
 
@@ -100,7 +100,7 @@ def create_experiment(
 def list_experiments(
     session: SessionDep,
     status: Annotated[str | None, Query(pattern="^(running|stopped)$")] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    limit: Annotated[int, Query(ge=1, le=crud.MAX_PAGE)] = 100,
 ) -> ExperimentList:
     """Newest first."""
     rows = crud.list_experiments(session=session, status=status, limit=limit)
@@ -149,7 +149,7 @@ def experiment_results(name: Name, session: SessionDep) -> ExperimentResults:
 
 @router.get("/{name}/outcomes", response_model=OutcomeList, dependencies=[Reader])
 def list_outcomes(
-    name: Name, session: SessionDep, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100
+    name: Name, session: SessionDep, limit: Annotated[int, Query(ge=1, le=crud.MAX_PAGE)] = 100
 ) -> OutcomeList:
     """The latest recorded responses, newest first (text only when the experiment keeps it)."""
     experiment = crud.get_experiment(session=session, name=name)

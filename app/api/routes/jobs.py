@@ -31,7 +31,7 @@ from app.store.errors import NotFound
 from app.store.models import Job, Version
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-MAX_PAGE = 1000  # the store's own cap on a page
+
 ACTIVE_JOBS_RETRY_AFTER_S = 30
 
 IdempotencyKey = Annotated[
@@ -141,13 +141,8 @@ def _prepare(
             job.spec(model=version.name if version else "base"),
         )
     parent = _version(session, job.parent, param="parent", code="parent_not_found")
-    if job.name is not None and crud.version_name_exists(session=session, name=job.name):
-        raise ApiError(
-            409,
-            f"a version named {job.name!r} already exists",
-            param="name",
-            code="duplicate_version_name",
-        )
+    if job.name is not None:  # 409 duplicate_version_name before anything is queued
+        crud.check_version_name_free(session=session, name=job.name)
     parent_id = parent.id if parent else None
     if isinstance(job, UnlearnJobCreate):
         corpus_id = _corpus_id(session, job.corpus_id, "corpus_id")
@@ -204,7 +199,7 @@ def _enqueue(session: Session, broker: Broker, job_id: str) -> None:
 def list_jobs(
     session: SessionDep,
     status: Annotated[JobStatus | None, Query(description="only jobs in this state")] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="jobs per page")] = 50,
+    limit: Annotated[int, Query(ge=1, le=crud.MAX_PAGE, description="jobs per page")] = 50,
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
 ) -> JobList:
     """Newest first."""
