@@ -13,6 +13,8 @@ from typing import Any
 from kombu.exceptions import OperationalError as BrokerOperationalError
 from sqlalchemy import exc as sa_exc
 
+from app.job_spec import InvalidSpec
+
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     sa_exc.OperationalError,
     sa_exc.InterfaceError,
@@ -36,7 +38,7 @@ def job_error(type_: str, code: str, message: str, param: str | None = None) -> 
     return {"type": type_, "code": code, "message": message, "param": param}
 
 
-def invalid_request(exc: JobInputError) -> dict[str, Any]:
+def invalid_request(exc: JobInputError | InvalidSpec) -> dict[str, Any]:
     return job_error("invalid_request_error", exc.code, exc.message, exc.param)
 
 

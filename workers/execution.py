@@ -1,10 +1,10 @@
 """One job, start to finish, as a plain function: no Celery, no broker (the task only calls this).
 
-claim -> parse the spec -> materialise the parent (base + its chain's deltas) -> the edit (DINM
-or corpus unlearning) with its before/after report -> revert the parent exactly -> write the
-version and its delta rows together with the job's success (one transaction). An `eval` job runs
-its suites on the materialised version instead and attaches the results to that version, again
-in the transaction that ends the job.
+claim -> read the spec (`app.job_spec`, as the API validated it) -> materialise the parent (base +
+its chain's deltas) -> the edit (DINM or corpus unlearning) with its before/after report -> revert
+the parent exactly -> write the version and its delta rows together with the job's success (one
+transaction). An `eval` job runs its suites on the materialised version instead and attaches the
+results to that version, again in the transaction that ends the job.
 
 Outcomes (the return value, also logged): "succeeded", "failed", "cancelled", "skipped" (not
 claimable: finished, cancelled, or running elsewhere), "superseded" (a newer claim took over while
@@ -29,6 +29,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
+from app.job_spec import DinmJobCreate, EvalJobCreate, InvalidSpec, UnlearnJobCreate, read_spec
 from app.logs import job_context
 from app.ml.bias import filter_pairs, load_pairs
 from app.ml.corpus import Document
@@ -50,7 +51,6 @@ from workers import errors
 from workers.errors import TRANSIENT_ERRORS, JobInputError
 from workers.monitor import JobMonitor
 from workers.runtime import Runtime
-from workers.spec import DinmSpec, EvalSpec, UnlearnSpec, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ def _run(
         return "failed" if ours else "superseded"
 
     try:
-        spec = parse_spec(job.kind, job.spec)
-        if isinstance(spec, EvalSpec):
+        spec = read_spec(job.kind, job.spec)
+        if isinstance(spec, EvalJobCreate):
             metrics = _evaluate(job, spec, monitor, session_factory, runtime, settings)
             with session_factory() as session:
                 ours = crud.finish_job_evaluated(
@@ -158,7 +158,7 @@ def _run(
         with session_factory() as session:
             ours = crud.finish_job_cancelled(session=session, job_id=job.id, attempt=job.attempts)
         return "cancelled" if ours else "superseded"
-    except JobInputError as exc:
+    except (JobInputError, InvalidSpec) as exc:
         log.info("job %s: invalid: %s", job.id, exc.message)
         return fail(errors.invalid_request(exc))
     except InputError as exc:  # found out while editing, e.g. params.layer out of range
@@ -180,7 +180,7 @@ def _run(
 
 def _edit(
     job: Job,
-    spec: DinmSpec | UnlearnSpec,
+    spec: DinmJobCreate | UnlearnJobCreate,
     monitor: JobMonitor,
     session_factory: sessionmaker[Session],
     runtime: Runtime,
@@ -188,10 +188,10 @@ def _edit(
 ) -> tuple[list[crud.DeltaIn], dict[str, Any]]:
     """The edit on the materialised parent; returns the delta rows and the report."""
     lm = runtime.lm
-    if isinstance(spec, UnlearnSpec):  # read before the parent is applied: may fail cheaply
+    if isinstance(spec, UnlearnJobCreate):  # read before the parent is applied: may fail cheaply
         forget, retain = _corpora(spec, session_factory)
     with _materialised(job, monitor, session_factory, runtime):
-        if isinstance(spec, DinmSpec):
+        if isinstance(spec, DinmJobCreate):
             result, report = dinm_with_report(
                 lm, spec.instance, spec.params, judge=runtime.judge,
                 max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size,
@@ -204,13 +204,13 @@ def _edit(
                 batch_size=settings.eval_batch_size, progress=monitor.progress,
                 should_cancel=monitor.should_cancel,
             )  # fmt: skip
-    report["parent"] = job.spec.get("parent") if isinstance(job.spec, dict) else None
+    report["parent"] = spec.parent
     return delta_rows(result.delta, lm.model), report
 
 
 def _evaluate(
     job: Job,
-    spec: EvalSpec,
+    spec: EvalJobCreate,
     monitor: JobMonitor,
     session_factory: sessionmaker[Session],
     runtime: Runtime,
@@ -219,14 +219,14 @@ def _evaluate(
     """The asked suites on the evaluated version (the job's parent; none: the base)."""
     lm = runtime.lm
     with _materialised(job, monitor, session_factory, runtime):
+        params = spec.params
         results = run_suites(
-            lm, spec.suites, judge=runtime.judge, instances=spec.instances, texts=spec.texts,
-            bias_types=spec.bias_types, limit=spec.limit,
+            lm, spec.suites, judge=runtime.judge, instances=params.instances, texts=params.texts,
+            bias_types=params.bias_types, limit=params.limit,
             max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size,
             progress=monitor.progress,
         )  # fmt: skip
-    model = job.spec.get("model") if isinstance(job.spec, dict) else None
-    return {"kind": "eval", "model": model, "suites": results}
+    return {"kind": "eval", "model": spec.model, "suites": results}
 
 
 @contextmanager
@@ -249,7 +249,7 @@ def _materialised(
 
 
 def _corpora(
-    spec: UnlearnSpec, session_factory: sessionmaker[Session]
+    spec: UnlearnJobCreate, session_factory: sessionmaker[Session]
 ) -> tuple[list[Document], list[Document] | None]:
     """The forget and retain documents: inline, or read from the stored corpora."""
 

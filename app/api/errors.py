@@ -4,7 +4,6 @@ emitted by every exception handler (validation, HTTP, store, broker, and anythin
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,6 +14,7 @@ from sqlalchemy.exc import TimeoutError as TimeoutError_  # the connection pool 
 from starlette.exceptions import HTTPException
 
 from app.store import errors as store_errors
+from app.validation import field_path, problem_message
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,6 @@ INTERNAL = "internal_error"
 
 _TYPE_BY_STATUS = {404: NOT_FOUND, 409: CONFLICT, 503: UNAVAILABLE}
 DATABASE_RETRY_AFTER_S = 2
-_LOCATIONS = ("body", "query", "path", "header", "cookie")
 
 
 def error_body(
@@ -75,26 +74,6 @@ class ApiError(Exception):
             self.headers.setdefault("WWW-Authenticate", "Bearer")
 
 
-def param_name(loc: Sequence[str | int]) -> str | None:
-    """("body", "params", "lr") -> "params.lr", ("body", "forget", 3, "text") -> "forget[3].text";
-    the request part ("body", "query") is dropped."""
-    parts = list(loc)
-    if parts and parts[0] in _LOCATIONS:
-        parts = parts[1:]
-    name = ""
-    for part in parts:
-        if isinstance(part, int):
-            name += f"[{part}]"
-        else:
-            name += f".{part}" if name else str(part)
-    return name or None
-
-
-def _validation_message(error: dict[str, Any], param: str | None) -> str:
-    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"{param}: {message}" if param else message
-
-
 def _status_type(status: int) -> str:
     if status in _TYPE_BY_STATUS:
         return _TYPE_BY_STATUS[status]
@@ -104,10 +83,10 @@ def _status_type(status: int) -> str:
 async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     first = errors[0] if errors else {}
-    param = param_name(first.get("loc", ()))
+    param = field_path(first.get("loc", ()))
     if first.get("type") == "json_invalid":
         param = None
-    message = _validation_message(first, param)
+    message = problem_message(first, param)
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more)"
     return error_response(422, message, INVALID_REQUEST, param, first.get("type"))

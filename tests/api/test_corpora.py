@@ -21,7 +21,7 @@ import app.ml
 from app.api.corpus_upload import CONTENT_TYPES, read_corpus
 from app.api.errors import ApiError
 from app.api.main import create_app
-from app.api.schemas import BiasType
+from app.job_spec import BiasType
 from app.ml.corpus import MAX_LINE_BYTES, Document
 from app.ml.unlearn_params import UnlearnParams
 from app.settings import Settings

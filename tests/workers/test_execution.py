@@ -8,6 +8,7 @@ import pytest
 import torch
 from sqlalchemy.exc import OperationalError
 
+from app.job_spec import InvalidSpec, read_spec
 from app.ml.deltas import applied, apply_deltas
 from app.ml.judges import load_judge
 from app.settings import Settings
@@ -23,10 +24,8 @@ from tests.workers.helpers import (
     weights,
 )
 from workers import execution
-from workers.errors import JobInputError
 from workers.execution import execute_job
 from workers.runtime import Runtime
-from workers.spec import parse_spec
 
 DOWN_PROJ = "model.layers.{}.mlp.down_proj.weight"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -143,8 +142,8 @@ def test_unsupported_kind_is_refused_by_the_store_and_the_worker(session_factory
     # check still names the field for a spec that reaches it some other way.
     with pytest.raises(ValueError, match="unknown job kind"):
         submit(session_factory, kind="retrain")
-    with pytest.raises(JobInputError) as caught:
-        parse_spec("retrain", {})
+    with pytest.raises(InvalidSpec) as caught:
+        read_spec("retrain", {})
     assert (caught.value.code, caught.value.param) == ("unsupported_kind", "kind")
 
 

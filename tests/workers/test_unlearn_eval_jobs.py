@@ -129,10 +129,13 @@ def test_unlearn_job_from_a_stored_corpus(session_factory, run):
     ("overrides", "code", "param"),
     [
         ({"method": "forget_all"}, "invalid_method", "method"),
-        ({"corpus_id": "5d6f0f67-0000-4000-8000-000000000000"}, "invalid_forget", "forget"),
+        ({"corpus_id": "5d6f0f67-0000-4000-8000-000000000000"}, "invalid_forget", "corpus_id"),
         ({"forget": None, "corpus_id": "5d6f0f67-0000-4000-8000-000000000000"},
          "invalid_corpus", "corpus_id"),
-        ({"forget": [{"text": "ok", "harmful_spans": [[0, 9]]}]}, "invalid_forget", "forget"),
+        ({"forget": [{"text": "ok", "harmful_spans": [[0, 9]]}]}, "invalid_forget", "forget[0]"),
+        # The API refuses both retain sources at once; a stored row with both is refused too.
+        ({"retain_corpus_id": "5d6f0f67-0000-4000-8000-000000000000"},
+         "invalid_retain", "retain_corpus_id"),
         ({"forget": ["nothing harmful here at all"]}, "invalid_input", None),
         ({"params": {"scope": "sideways"}}, "invalid_params", "params.scope"),
     ],
@@ -182,4 +185,4 @@ def test_eval_job_attaches_its_results_to_the_version(session_factory, run):
 def test_bad_eval_job_fails(session_factory, run):
     job_id = submit(session_factory, "eval", {"model": "base", "suites": ["vibes"]})
     assert run(job_id) == "failed"
-    assert get(session_factory, job_id).error["param"] == "suites"
+    assert get(session_factory, job_id).error["param"] == "suites[0]"  # as the API names it

@@ -16,16 +16,8 @@ from app.api.auth import RATE_LIMIT, Editor, EditorDep, Principal, Reader
 from app.api.broker import Broker
 from app.api.deps import BrokerDep, SessionDep, SettingsDep
 from app.api.errors import ApiError
-from app.api.schemas import (
-    JOB_EXAMPLES,
-    DinmJobCreate,
-    EvalJobCreate,
-    JobCreate,
-    JobList,
-    JobPublic,
-    JobStatus,
-    UnlearnJobCreate,
-)
+from app.api.schemas import JobList, JobPublic, JobStatus
+from app.job_spec import JOB_EXAMPLES, AnyJob, EvalJobCreate, JobCreate, UnlearnJobCreate
 from app.store import crud
 from app.store.errors import NotFound
 from app.store.models import Job, Version
@@ -89,7 +81,7 @@ def submit_job(
     return JobPublic.from_row(crud.get_job(session=session, job_id=job.id))
 
 
-def _request_hash(job: DinmJobCreate | UnlearnJobCreate | EvalJobCreate) -> str:
+def _request_hash(job: AnyJob) -> str:
     """SHA-256 of the validated body in canonical JSON: the same request, however written
     (key order, defaults spelled out or left out), has the same hash."""
     canonical = json.dumps(job.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -130,9 +122,7 @@ def _check_active_jobs(session: Session, caller: Principal, limit: int) -> None:
         )
 
 
-def _prepare(
-    session: Session, job: DinmJobCreate | UnlearnJobCreate | EvalJobCreate
-) -> tuple[int | None, dict[str, Any]]:
+def _prepare(session: Session, job: AnyJob) -> tuple[int | None, dict[str, Any]]:
     """(parent version id, spec to store), every name the job refers to resolved."""
     if isinstance(job, EvalJobCreate):
         version = _version(session, job.model, param="model", code="model_not_found")

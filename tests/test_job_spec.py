@@ -1,0 +1,47 @@
+"""The job spec: what the API stores is what the worker reads back, and what the API refuses the
+worker refuses too, naming the same field."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.job_spec import EXAMPLE_INSTANCE as INSTANCE
+from app.job_spec import InvalidSpec, JobCreate, read_spec
+
+
+def test_a_stored_dinm_spec_reads_back_as_the_validated_request():
+    request = JobCreate.model_validate(
+        {"kind": "dinm", "instance": INSTANCE, "params": {"preset": "paper", "steps": 3}}
+    ).root
+    stored = request.spec()
+    assert read_spec("dinm", stored) == request
+    assert read_spec("dinm", {k: v for k, v in stored.items() if k != "kind"}) == request
+
+
+def test_a_stored_unlearn_spec_keeps_its_resolved_corpus_ids():
+    request = JobCreate.model_validate({"kind": "unlearn", "corpus_id": "hate"}).root
+    stored = request.spec(corpus_id="5d6f0f67-0000-4000-8000-000000000000", retain_corpus_id=None)
+    spec = read_spec("unlearn", stored)
+    assert spec.corpus_id == "5d6f0f67-0000-4000-8000-000000000000"
+    assert spec.params == request.params
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "code", "param"),
+    [
+        ("retrain", {}, "unsupported_kind", "kind"),
+        ("dinm", ["not", "an", "object"], "invalid_spec", None),
+        ("dinm", {"kind": "eval"}, "invalid_spec", "kind"),
+        ("dinm", {"instance": INSTANCE, "params": {"lr": 5}}, "invalid_params", "params.lr"),
+        ("dinm", {"instance": INSTANCE, "name": "base"}, "invalid_version_name", "name"),
+        ("eval", {"suites": ["bias", "bias"]}, "invalid_suites", "suites"),
+        ("unlearn", {"forget": ["x"], "retain": ["y"], "retain_corpus_id": "c"},
+         "invalid_retain", "retain_corpus_id"),
+    ],
+)  # fmt: skip
+def test_a_spec_the_api_refuses_is_refused_with_the_field(kind, spec, code, param):
+    with pytest.raises(InvalidSpec) as caught:
+        read_spec(kind, spec)
+    assert (caught.value.code, caught.value.param) == (code, param)
+    if param is not None:
+        assert caught.value.message.startswith(f"{param}: ")
