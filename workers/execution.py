@@ -29,6 +29,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
+from app.chains import UnreadableChain, chain_deltas, read_chain
 from app.job_spec import DinmJobCreate, EvalJobCreate, InvalidSpec, UnlearnJobCreate, read_spec
 from app.logs import job_context
 from app.ml.bias import filter_pairs, load_pairs
@@ -40,12 +41,7 @@ from app.ml.suites import run_suites
 from app.notify import publish_versions_changed
 from app.settings import Settings
 from app.store import crud
-from app.store.errors import (
-    BaseFingerprintMismatch,
-    DuplicateVersionName,
-    JobNotRunning,
-    NotFound,
-)
+from app.store.errors import DuplicateVersionName, JobNotRunning, NotFound
 from app.store.models import Job
 from workers import errors
 from workers.errors import TRANSIENT_ERRORS, JobInputError
@@ -275,16 +271,8 @@ def _parent_deltas(
         return []
     try:
         with session_factory() as session:
-            chain = crud.version_chain(session=session, version_id=parent_id)
-            blobs = [
-                blob
-                for version in chain
-                for _, blob in crud.load_delta_blobs(
-                    session=session, version_id=version.id, base_fingerprint=base_fingerprint
-                )
-            ]
-        return [Delta.from_bytes(blob) for blob in blobs]
-    except (NotFound, BaseFingerprintMismatch, DeltaError) as exc:
+            return chain_deltas(read_chain(session, parent_id, base_fingerprint=base_fingerprint))
+    except (NotFound, UnreadableChain) as exc:
         raise JobInputError("invalid_parent", f"parent version: {exc}", "parent") from exc
 
 

@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 import torch
 
-from app.ml.deltas import fingerprint
 from app.ml.judges import Judge, load_judge
 from app.ml.models import LoadedModel, load_model
 from app.settings import Settings
@@ -39,7 +38,6 @@ class Runtime:
         self._lock = threading.Lock()
         self._lm: LoadedModel | None = None
         self._judge: Judge | None = None
-        self._fingerprint: str | None = None
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
 
@@ -77,19 +75,12 @@ class Runtime:
 
     @property
     def base_fingerprint(self) -> str:
-        """Identity of the loaded base for the version rows: config plus every editable projection.
+        """Identity of the loaded base for the version rows (`LoadedModel.base_fingerprint`).
 
-        Computed once, on the base weights (before the first job, or between jobs: every job
-        reverts its deltas). Each delta blob also carries the fingerprint of the one parameter
-        it edits, which `apply_deltas` checks.
+        Read before the first job (or between jobs: every job reverts its deltas). Each delta blob
+        also carries the fingerprint of the one parameter it edits, which `apply_deltas` checks.
         """
-        lm = self.lm
-        with self._lock:
-            if self._fingerprint is None:
-                adapter = lm.adapter
-                names = [adapter.mlp_out_param_name(i) for i in range(adapter.num_layers)]
-                self._fingerprint = fingerprint(lm.model, names)
-            return self._fingerprint
+        return self.lm.base_fingerprint
 
     def preload(self) -> None:
         """Load model and judge and compute the fingerprint now, so the first job doesn't wait."""

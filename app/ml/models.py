@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from app.ml.arch import ModelAdapter
+from app.ml.deltas import fingerprint
 from app.ml.demo import demo_model_dir
 from app.ml.errors import InputError
 
@@ -43,6 +45,13 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @cached_property
+    def base_fingerprint(self) -> str:
+        """The identity versions record for their base: `editable_fingerprint` as it was when
+        first read, which must be before any delta is applied (a worker reads it before its first
+        job, the serving engine when it loads the model)."""
+        return editable_fingerprint(self)
+
     @property
     def context_length(self) -> int:
         config = self.model.config
@@ -51,6 +60,13 @@ class LoadedModel:
             if isinstance(value, int) and value > 0:
                 return value
         return 2048
+
+
+def editable_fingerprint(lm: LoadedModel) -> str:
+    """Hash of the config and of the current values of every editable projection (each layer's
+    MLP output projection)."""
+    adapter = lm.adapter
+    return fingerprint(lm.model, [adapter.mlp_out_param_name(i) for i in range(adapter.num_layers)])
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from app.chains import chain_deltas
 from app.ml.generation import _pad_id, _stop_ids
 from app.ml.judges import Judge, Verdict, load_judge
 from app.ml.memory import release_free_memory
@@ -122,7 +123,7 @@ class Engine:
                 settings.model, device=settings.device, dtype=settings.dtype,
                 cache_dir=settings.cache_dir,
             )  # fmt: skip
-            return loaded, base_fingerprint(loaded)
+            return loaded, loaded.base_fingerprint  # computed here, on the base weights
 
         lm, fingerprint = _on_passing_thread(load)
         return cls(
@@ -190,13 +191,16 @@ class Engine:
         return Target(info.name, weights)
 
     def _load(self, info: VersionInfo) -> VersionWeights:
-        deltas = self.source.load_chain(info.id)  # the store read stays off the compute thread
+        chain = self.source.load_chain(info.id)  # the store read stays off the compute thread
+        if chain[-1].retired:
+            raise UnknownModelError(f"version {info.name!r} is retired")
+        deltas = chain_deltas(chain)
         build = partial(
             version_weights, self.lm.model, info.name, deltas,
             base_fingerprints=self._fingerprints,
         )  # fmt: skip
         weights = self._batcher.call(build)
-        del deltas, build  # the blobs and their tensors: only the summed weights stay cached
+        del chain, deltas, build  # the blobs and their tensors: only the summed weights stay cached
         release_free_memory()
         return weights
 
@@ -386,12 +390,3 @@ def _on_passing_thread(fn: Callable[[], T]) -> T:
     if errors:
         raise errors[0]
     return result[0]
-
-
-def base_fingerprint(lm: LoadedModel) -> str:
-    """The identity versions record for their base (as the workers compute it)."""
-    from app.ml.deltas import fingerprint
-
-    adapter = lm.adapter
-    names = [adapter.mlp_out_param_name(i) for i in range(adapter.num_layers)]
-    return fingerprint(lm.model, names)

@@ -12,8 +12,7 @@ from typing import Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.ml.deltas import Delta
-from app.ml.errors import DeltaError
+from app.chains import ChainLink, UnreadableChain, read_chain
 from app.serving.errors import ModelLoadError, UnknownModelError
 from app.store import crud
 from app.store import errors as store_errors
@@ -34,8 +33,9 @@ class VersionSource(Protocol):
         """Every live (not retired) version, oldest first."""
         ...
 
-    def load_chain(self, version_id: int) -> list[Delta]:
-        """The deltas of the version's whole chain, root first, checksums verified."""
+    def load_chain(self, version_id: int) -> list[ChainLink]:
+        """The version's whole chain, root first, checksums and base verified (retired versions
+        too: each link says whether it is). UnknownModelError, ModelLoadError."""
         ...
 
 
@@ -53,29 +53,11 @@ class StoreVersionSource:
                 for v in crud.list_versions(session=session)
             ]
 
-    def load_chain(self, version_id: int) -> list[Delta]:
+    def load_chain(self, version_id: int) -> list[ChainLink]:
         try:
             with self._sessions() as session:
-                chain = crud.version_chain(session=session, version_id=version_id)
-                if any(v.retired for v in chain[-1:]):
-                    raise UnknownModelError(f"version {chain[-1].name!r} is retired")
-                blobs = [
-                    (version.name, param, blob)
-                    for version in chain
-                    for param, blob in crud.load_delta_blobs(
-                        session=session,
-                        version_id=version.id,
-                        base_fingerprint=self._base_fingerprint,
-                    )
-                ]
+                return read_chain(session, version_id, base_fingerprint=self._base_fingerprint)
         except store_errors.NotFound as exc:
             raise UnknownModelError(str(exc)) from exc
-        except (store_errors.BaseFingerprintMismatch, store_errors.DeltaChecksumError) as exc:
+        except UnreadableChain as exc:
             raise ModelLoadError(str(exc)) from exc
-        deltas = []
-        for name, param, blob in blobs:
-            try:
-                deltas.append(Delta.from_bytes(blob))
-            except DeltaError as exc:
-                raise ModelLoadError(f"version {name!r}, {param}: {exc}") from exc
-        return deltas

@@ -408,10 +408,12 @@ def load_delta_blobs(
 
 
 class ChainBlobs(TypedDict):
-    """One version of a chain: its name, its delta's summary sha256, its blobs by param."""
+    """One version of a chain: its name, its delta's summary sha256, whether it is retired, its
+    blobs by param."""
 
     name: str
     sha256: str
+    retired: bool
     blobs: list[tuple[str, bytes]]
 
 
@@ -426,6 +428,7 @@ def load_chain_blobs(
         {
             "name": version.name,
             "sha256": summaries[version.id]["sha256"],
+            "retired": version.retired,
             "blobs": load_delta_blobs(
                 session=session, version_id=version.id, base_fingerprint=base_fingerprint
             ),

@@ -24,8 +24,7 @@ from app.ml import export as ml_export
 from app.ml.arch import ModelAdapter
 from app.ml.deltas import Delta, DenseUpdate, LowRankUpdate, Update, apply_deltas, fingerprint
 from app.ml.generation import _stop_ids
-from app.ml.models import LoadedModel
-from app.serving.engine import base_fingerprint
+from app.ml.models import LoadedModel, editable_fingerprint
 from app.serving.sampling import SamplingParams
 from app.settings import Settings
 from app.store import crud
@@ -63,7 +62,7 @@ def store_version(
         job = running_job(session, parent_version_id=parent.id if parent else None)
         return crud.finish_job_succeeded(
             session=session, job_id=job.id, version_name=name, base_model=lm.name,
-            base_fingerprint=base_fingerprint(lm), metrics={}, deltas=rows,
+            base_fingerprint=lm.base_fingerprint, metrics={}, deltas=rows,
         )  # fmt: skip
 
 
@@ -244,7 +243,7 @@ def test_names_formats_bounds_and_what_cannot_be_exported(client, store):
 def test_a_merged_export_leaves_concurrent_generations_alone(client, lm, monkeypatch, tmp_path):
     before = {name: served(client, name, PROMPTS[0]) for name in ("base", "dense1")}
     weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    fingerprint_before = base_fingerprint(lm)
+    fingerprint_before = editable_fingerprint(lm)
     writing, written = threading.Event(), threading.Event()
     save_merged = ml_export.save_merged
 
@@ -273,7 +272,7 @@ def test_a_merged_export_leaves_concurrent_generations_alone(client, lm, monkeyp
     assert response.status_code == 200, response.text
     live = lm.model.state_dict()
     assert all(torch.equal(weights[k], live[k]) for k in weights)
-    assert base_fingerprint(lm) == fingerprint_before  # the config is untouched too
+    assert editable_fingerprint(lm) == fingerprint_before  # the config is untouched too
     assert {name: served(client, name, PROMPTS[0]) for name in before} == before
     model = AutoModelForCausalLM.from_pretrained(untar(response, tmp_path))
     assert_generates_as_served(client, lm, model, "dense1")

@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.ml.arch import ModelAdapter
 from app.ml.deltas import Delta, DenseUpdate, LowRankUpdate, fingerprint
 from app.ml.models import LoadedModel
-from app.serving.engine import base_fingerprint
 from app.store import crud, migrate
 from app.store.db import make_engine, make_sessionmaker
 from app.store.models import Version
@@ -71,7 +70,7 @@ def store_version(
             job_id=job.id,
             version_name=name,
             base_model=lm.name,
-            base_fingerprint=base_fingerprint(lm),
+            base_fingerprint=lm.base_fingerprint,
             metrics={},
             deltas=rows,
         )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.ml.deltas import Delta, DenseUpdate, LowRankUpdate, applied
-from app.serving.engine import Engine, base_fingerprint
+from app.serving.engine import Engine
 from app.serving.errors import ModelLoadError, PromptTooLongError, UnknownModelError
 from app.serving.sampling import SamplingParams, TextDelta
 from app.serving.source import StoreVersionSource
@@ -22,7 +22,7 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
 
 
 def make_engine(lm, sessions, **kwargs) -> Engine:
-    source = StoreVersionSource(sessions, base_fingerprint=base_fingerprint(lm))
+    source = StoreVersionSource(sessions, base_fingerprint=lm.base_fingerprint)
     return Engine(lm, source, **({"max_wait_s": 0.3} | kwargs))
 
 

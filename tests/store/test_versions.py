@@ -231,9 +231,9 @@ def test_chain_blobs_are_root_first_with_each_versions_checksum(session: Session
     v1 = version(session, name="a", deltas=[delta("x.weight", b"one")])
     v2 = version(session, name="b", parent=v1, deltas=[delta("y.weight", b"two")])
     links = crud.load_chain_blobs(session=session, version_id=v2.id)
-    assert [(link["name"], link["blobs"]) for link in links] == [
-        ("a", [("x.weight", b"one")]),
-        ("b", [("y.weight", b"two")]),
+    assert [(link["name"], link["retired"], link["blobs"]) for link in links] == [
+        ("a", False, [("x.weight", b"one")]),
+        ("b", False, [("y.weight", b"two")]),
     ]
     for link, made in zip(links, (v1, v2), strict=True):
         assert link["sha256"] == crud.delta_summary(session=session, version_id=made.id)["sha256"]

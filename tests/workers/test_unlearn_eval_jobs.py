@@ -18,7 +18,7 @@ from app.ml.deltas import LowRankUpdate, applied
 from app.ml.judges import load_judge
 from app.ml.unlearn import unlearn
 from app.ml.unlearn_params import UnlearnParams
-from app.serving.engine import Engine, base_fingerprint
+from app.serving.engine import Engine
 from app.serving.sampling import SamplingParams
 from app.serving.source import StoreVersionSource
 from app.settings import Settings
@@ -104,7 +104,7 @@ def test_unlearn_job_stores_the_exact_low_rank_delta_and_serves_it(session_facto
                                 max_new_tokens=6, do_sample=False,
                                 pad_token_id=lm.tokenizer.pad_token_id)  # fmt: skip
     merged = out[0, len(prompt) :]
-    source = StoreVersionSource(session_factory, base_fingerprint=base_fingerprint(lm))
+    source = StoreVersionSource(session_factory, base_fingerprint=lm.base_fingerprint)
     engine = Engine(lm, source, max_wait_s=0.0)
     try:
         greedy = SamplingParams(max_tokens=6, temperature=0.0)

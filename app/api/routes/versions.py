@@ -21,10 +21,9 @@ from app.api.schemas import ExportFormat, VersionList, VersionPublic
 from app.api.tarstream import FolderTar
 from app.ml import errors as ml_errors
 from app.notify import publish_versions_changed
-from app.serving.errors import EngineClosedError, ServingError
+from app.serving.errors import EngineClosedError, ModelLoadError, ServingError
 from app.settings import Settings
 from app.store import crud
-from app.store.errors import BaseFingerprintMismatch, DeltaChecksumError
 from app.store.models import Version
 
 router = APIRouter(prefix="/v1/versions", tags=["versions"])
@@ -110,18 +109,14 @@ def export_version(
     `detox_export.json`), `merged` for `AutoModelForCausalLM.from_pretrained`, `delta` for
     `detox eval --delta`. Built with the served base model; generations are not disturbed."""
     version = crud.get_version(session=session, name=name, include_retired=name != "latest")
-    try:
-        chain = crud.load_chain_blobs(session=session, version_id=version.id)
-    except (DeltaChecksumError, BaseFingerprintMismatch) as exc:
-        raise ApiError(409, str(exc), code="version_not_exportable") from exc
-    session.close()  # the blobs are read: no connection is held while the export is built
+    session.close()  # no connection is held while the export is built
     folder = Path(tempfile.mkdtemp(prefix=f"{version.name}-{fmt}-", dir=_exports_dir(settings)))
     try:
         serving = request.app.state.serving.get_sync()
         from app.serving.export import export_version as build  # torch: only when exporting
 
         made = build(
-            serving.engine, fmt=fmt, version=version.name, chain=chain, out=folder,
+            serving.engine, fmt=fmt, version=version.name, version_id=version.id, out=folder,
             max_rel_error=max_rel_error, max_rank=max_rank,
         )  # fmt: skip
     except BaseException as exc:
@@ -167,7 +162,7 @@ def _export_error(exc: BaseException) -> ApiError | None:
         return ApiError(422, str(exc), param="max_rank", code="rank_bound_not_met")
     if isinstance(exc, ml_errors.ExportError):
         return ApiError(422, str(exc), param="format", code="not_exportable")
-    if isinstance(exc, ml_errors.DeltaError):  # another base's delta, or unreadable bytes
+    if isinstance(exc, ml_errors.DeltaError | ModelLoadError):  # corrupt, or another base's
         return ApiError(409, str(exc), code="version_not_exportable")
     if isinstance(exc, EngineClosedError):
         return ApiError(503, str(exc), type=UNAVAILABLE, code="engine_closed")
