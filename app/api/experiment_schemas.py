@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.experiments.service import JudgeName
+from app.experiments.outcomes import JudgeName
 from app.store.crud import NAME_PATTERN
 from app.store.models import Experiment, ExperimentOutcome
 

@@ -30,7 +30,9 @@ from app.api.routes import (
     ui,
     versions,
 )
-from app.experiments.service import ExperimentRouter, OutcomeRecorder, verdicts_via
+from app.experiments.outcomes import OutcomeRecorder, verdicts_via
+from app.experiments.routing import ExperimentRouter
+from app.experiments.traffic import ExperimentTraffic
 from app.notify import is_redis
 from app.serving.provider import ServingProvider
 from app.settings import Settings, get_settings
@@ -54,9 +56,9 @@ def create_app(
     settings = settings or get_settings()
 
     def default_engine(sessions: Any) -> Engine:
-        from app.serving.engine import Engine  # torch: only once generation is used
+        from app.serving.factory import build_engine  # torch: only once generation is used
 
-        return Engine.from_settings(settings, sessions)
+        return build_engine(settings, sessions)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,8 +72,7 @@ def create_app(
         )
         app.state.serving = ServingProvider(
             lambda: (engine_factory or default_engine)(sessions),
-            experiments=app.state.experiments,
-            outcomes=app.state.outcomes,
+            traffic=ExperimentTraffic(app.state.experiments, app.state.outcomes),
         )
         if settings.serving_preload:  # the first request then finds the model loaded
             await asyncio.to_thread(app.state.serving.get_sync)

@@ -34,7 +34,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import logs
-from app.experiments.service import OutcomeRecorder
+from app.experiments.outcomes import OutcomeRecorder
 from app.serving.provider import ServingProvider
 from app.store.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES, Job
 

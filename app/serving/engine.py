@@ -23,17 +23,14 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
-
-import torch
+from typing import TypeVar
 
 from app.chains import chain_deltas
 from app.ml.generation import _pad_id, _stop_ids
 from app.ml.judges import Judge, Verdict, load_judge
 from app.ml.memory import release_free_memory
-from app.ml.models import LoadedModel, load_model
+from app.ml.models import LoadedModel
 from app.ml.prompts import encode_prompt
-from app.notify import VersionSubscriber, is_redis
 from app.serving.batcher import Batcher
 from app.serving.cache import VersionCache
 from app.serving.decoding import GenRequest, run_batch
@@ -44,9 +41,8 @@ from app.serving.errors import (
     UnknownModelError,
 )
 from app.serving.sampling import Event, Failed, Finished, SamplingParams
-from app.serving.source import StoreVersionSource, VersionInfo, VersionSource
+from app.serving.source import Subscribe, Subscription, VersionInfo, VersionSource
 from app.serving.weights import BatchDeltaHooks, VersionWeights, version_weights
-from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +73,7 @@ class Engine:
         max_pending: int = 64,
         poll_s: float = 1.0,
         judge_loader: Callable[[], Judge] | None = None,
-        notify_url: str | None = None,
+        version_events: Subscribe | None = None,
     ):
         self.lm = lm
         self.source = source
@@ -99,57 +95,20 @@ class Engine:
         self._batcher = Batcher(self._run, max_batch_size=max_batch_size, max_wait_s=max_wait_s)
         self._closed = threading.Event()
         self._poller: threading.Thread | None = None
-        self._notify_url = notify_url
-        self._subscriber: VersionSubscriber | None = None
+        self._version_events = version_events
+        self._subscription: Subscription | None = None
         self.cancelled = 0  # requests that left a batch early: their client went away
         self.refresh()
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: Settings,
-        sessions: Any,
-        *,
-        lm: LoadedModel | None = None,
-        judge_loader: Callable[[], Judge] | None = None,
-    ) -> Engine:
-        """The engine of the API process: the configured model (or `lm`, already loaded),
-        versions from the store, every serving setting applied."""
-        if settings.torch_threads is not None:
-            torch.set_num_threads(settings.torch_threads)
-
-        def load() -> tuple[LoadedModel, str]:
-            loaded = lm if lm is not None else load_model(
-                settings.model, device=settings.device, dtype=settings.dtype,
-                cache_dir=settings.cache_dir,
-            )  # fmt: skip
-            return loaded, loaded.base_fingerprint  # computed here, on the base weights
-
-        lm, fingerprint = _on_passing_thread(load)
-        return cls(
-            lm,
-            StoreVersionSource(sessions, base_fingerprint=fingerprint),
-            cache_size=settings.serving_cache_size,
-            max_batch_size=settings.serving_max_batch_size,
-            max_wait_s=settings.serving_max_wait_ms / 1000,
-            max_tokens=settings.serving_max_tokens,
-            max_prompt_tokens=settings.serving_max_prompt_tokens,
-            max_pending=settings.serving_max_pending,
-            poll_s=settings.serving_poll_s,
-            judge_loader=judge_loader
-            or (lambda: load_judge(settings.judge, device=settings.device)),
-            notify_url=settings.resolved_broker_url(),
-        )
 
     # -- versions --------------------------------------------------------------------------
 
     def start_polling(self) -> None:
-        """Poll the store; with Redis, also refresh as soon as a version change is announced."""
+        """Poll the source; with `version_events`, also refresh as soon as a change is heard of."""
         if self._poller is None:
             self._poller = threading.Thread(target=self._poll, name="detox-versions", daemon=True)
             self._poller.start()
-        if self._subscriber is None and is_redis(self._notify_url):
-            self._subscriber = VersionSubscriber(self._notify_url, self.refresh).start()
+        if self._subscription is None and self._version_events is not None:
+            self._subscription = self._version_events(self.refresh)
 
     def refresh(self) -> None:
         """Re-read the live versions; retired ones leave the cache."""
@@ -350,8 +309,8 @@ class Engine:
         self._batcher.close()
         if self._poller is not None:
             self._poller.join(timeout=5)
-        if self._subscriber is not None:
-            self._subscriber.stop()
+        if self._subscription is not None:
+            self._subscription.stop()
         self._hooks.remove()
 
 
@@ -372,7 +331,7 @@ async def _result(events: asyncio.Queue[Event]) -> Finished:
     raise RuntimeError("the request ended without a result")  # pragma: no cover
 
 
-def _on_passing_thread(fn: Callable[[], T]) -> T:
+def on_passing_thread(fn: Callable[[], T]) -> T:
     """Run `fn` on a thread that ends with it: its OpenMP team goes with it (see `batcher`), so
     loading the model leaves the compute thread the only one that has run torch."""
     result: list[T] = []

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.chains import chain_deltas
 from app.ml import export as ml_export
-from app.serving.engine import _on_passing_thread
+from app.serving.engine import on_passing_thread
 
 if TYPE_CHECKING:
     from app.serving.engine import Engine
@@ -78,7 +78,7 @@ def export_version(
             return Export(out, {**meta, **report.to_json()})
         if fmt == "merged":
             merged = engine.compute(lambda: ml_export.merged_weights(lm.model, deltas))
-            _on_passing_thread(
+            on_passing_thread(
                 lambda: ml_export.save_merged(lm.model, lm.tokenizer, merged, out, metadata=meta)
             )
             return Export(out, {"format": ml_export.MERGED_FORMAT, **meta})

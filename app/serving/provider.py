@@ -10,39 +10,30 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from app.serving.serving import OpenAIServing
+from app.serving.handlers import OpenAIHandlers
+from app.serving.traffic import TrafficRouter
 
 if TYPE_CHECKING:
-    from app.experiments.service import ExperimentRouter, OutcomeRecorder
     from app.serving.engine import Engine
 
 
 class ServingProvider:
-    def __init__(
-        self,
-        factory: Callable[[], Engine],
-        *,
-        experiments: ExperimentRouter | None = None,
-        outcomes: OutcomeRecorder | None = None,
-    ):
+    def __init__(self, factory: Callable[[], Engine], *, traffic: TrafficRouter | None = None):
         self._factory = factory
-        self._experiments = experiments
-        self._outcomes = outcomes
+        self._traffic = traffic
         self._lock = threading.Lock()
-        self._serving: OpenAIServing | None = None
+        self._serving: OpenAIHandlers | None = None
 
     @property
     def loaded(self) -> bool:
         return self._serving is not None
 
-    def get_sync(self) -> OpenAIServing:
+    def get_sync(self) -> OpenAIHandlers:
         with self._lock:
             if self._serving is None:
                 engine = self._factory()
                 engine.start_polling()
-                self._serving = OpenAIServing(
-                    engine, experiments=self._experiments, outcomes=self._outcomes
-                )
+                self._serving = OpenAIHandlers(engine, traffic=self._traffic)
             return self._serving
 
     def engine_if_loaded(self) -> Engine | None:
@@ -50,7 +41,7 @@ class ServingProvider:
         serving = self._serving
         return serving.engine if serving is not None else None
 
-    async def get(self) -> OpenAIServing:
+    async def get(self) -> OpenAIHandlers:
         if self._serving is not None:
             return self._serving
         return await asyncio.to_thread(self.get_sync)

@@ -1,21 +1,20 @@
-"""Where the engine learns which versions exist and reads their deltas: the store, or a fake.
+"""Where the engine learns which versions exist and reads their deltas (the store's source is
+built by `app.serving.factory`; tests may pass their own).
 
 The engine never holds a database session in its decoding loop: it asks a `VersionSource` for the
-live versions (polled) and for a version's whole chain of deltas (on a cache miss only).
+live versions (polled, and at once when a `Subscribe` hook announces a change) and for a version's
+whole chain of deltas (on a cache miss only).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy.orm import Session, sessionmaker
-
-from app.chains import ChainLink, UnreadableChain, read_chain
-from app.serving.errors import ModelLoadError, UnknownModelError
-from app.store import crud
-from app.store import errors as store_errors
+if TYPE_CHECKING:
+    from app.chains import ChainLink
 
 
 @dataclass(frozen=True)
@@ -39,25 +38,9 @@ class VersionSource(Protocol):
         ...
 
 
-class StoreVersionSource:
-    """Versions and deltas from the database, through `app.store.crud` only."""
+class Subscription(Protocol):
+    def stop(self) -> None: ...
 
-    def __init__(self, sessions: sessionmaker[Session], *, base_fingerprint: str | None = None):
-        self._sessions = sessions
-        self._base_fingerprint = base_fingerprint
 
-    def live_versions(self) -> list[VersionInfo]:
-        with self._sessions() as session:
-            return [
-                VersionInfo(v.id, v.name, v.parent_name, v.created_at)
-                for v in crud.list_versions(session=session)
-            ]
-
-    def load_chain(self, version_id: int) -> list[ChainLink]:
-        try:
-            with self._sessions() as session:
-                return read_chain(session, version_id, base_fingerprint=self._base_fingerprint)
-        except store_errors.NotFound as exc:
-            raise UnknownModelError(str(exc)) from exc
-        except UnreadableChain as exc:
-            raise ModelLoadError(str(exc)) from exc
+# Given the engine's refresh, start calling it whenever versions change; stop() ends that.
+Subscribe = Callable[[Callable[[], None]], Subscription]

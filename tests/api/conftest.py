@@ -101,13 +101,14 @@ def tiny_settings(store_engine: Engine, tmp_path: Path) -> Settings:
 def make_tiny_app(settings: Settings) -> FastAPI:
     """The app, generation served by a tiny random model (never the demo model)."""
     from app.serving.engine import Engine as ServingEngine
+    from app.serving.factory import build_engine
     from tests.api.serving_app import LengthJudge
     from tests.factories import tiny_model
 
     lm = tiny_model("llama")
 
     def factory(sessions: Any) -> ServingEngine:
-        return ServingEngine.from_settings(settings, sessions, lm=lm, judge_loader=LengthJudge)
+        return build_engine(settings, sessions, lm=lm, judge_loader=LengthJudge)
 
     return create_app(settings, engine_factory=factory)
 

@@ -20,6 +20,7 @@ from app.api.main import create_app
 from app.ml.judges import Verdict
 from app.ml.models import LoadedModel, load_model
 from app.serving.engine import Engine
+from app.serving.factory import build_engine
 from app.settings import Settings
 from app.store import migrate
 from app.store.db import make_engine, make_sessionmaker
@@ -71,7 +72,7 @@ def tiny_app(store: ServingStore, lm: LoadedModel) -> FastAPI:
     settings = store.settings
 
     def factory(sessions: Any) -> Engine:
-        return Engine.from_settings(settings, sessions, lm=lm, judge_loader=LengthJudge)
+        return build_engine(settings, sessions, lm=lm, judge_loader=LengthJudge)
 
     return create_app(settings, engine_factory=factory)
 

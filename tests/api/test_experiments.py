@@ -16,6 +16,7 @@ from scipy.stats import binomtest
 
 from app.api.main import create_app
 from app.serving.engine import Engine as ServingEngine
+from app.serving.factory import build_engine
 from app.settings import Settings
 from tests.api.conftest import assert_error
 from tests.api.serving_app import LengthJudge, sse_events
@@ -48,7 +49,7 @@ def versions(session_factory, lm) -> list[str]:
 
 def _app(settings: Settings, lm, judge=LengthJudge) -> TestClient:
     def factory(sessions: Any) -> ServingEngine:
-        return ServingEngine.from_settings(settings, sessions, lm=lm, judge_loader=judge)
+        return build_engine(settings, sessions, lm=lm, judge_loader=judge)
 
     return TestClient(create_app(settings, engine_factory=factory), headers=AUTH)
 

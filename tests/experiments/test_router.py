@@ -8,7 +8,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from app.experiments.service import ExperimentRouter
+from app.experiments.routing import ExperimentRouter
 from app.serving.errors import UnknownModelError
 from app.store import crud, migrate
 from app.store.db import make_engine, make_sessionmaker

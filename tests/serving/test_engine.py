@@ -11,8 +11,8 @@ import torch
 from app.ml.deltas import Delta, DenseUpdate, LowRankUpdate, applied
 from app.serving.engine import Engine
 from app.serving.errors import ModelLoadError, PromptTooLongError, UnknownModelError
+from app.serving.factory import StoreVersionSource
 from app.serving.sampling import SamplingParams, TextDelta
-from app.serving.source import StoreVersionSource
 from app.serving.weights import BatchDeltaHooks, version_weights
 from app.store import crud
 from tests.factories import tiny_model

@@ -7,7 +7,7 @@ import time
 
 from app.notify import VersionSubscriber, publish_versions_changed
 from app.serving.engine import Engine
-from app.serving.source import StoreVersionSource
+from app.serving.factory import StoreVersionSource, version_events
 from app.store import crud
 from tests.factories import tiny_model
 from tests.services import redis_url
@@ -43,10 +43,12 @@ def test_subscriber_hears_an_announcement():
 
 def test_engine_sees_new_and_retired_versions_without_polling(sessions):
     lm = tiny_model("llama")
-    engine = Engine(lm, StoreVersionSource(sessions), poll_s=3600.0, notify_url=REDIS_URL)
+    engine = Engine(
+        lm, StoreVersionSource(sessions), poll_s=3600.0, version_events=version_events(REDIS_URL)
+    )
     engine.start_polling()
     try:
-        assert engine._subscriber is not None and engine._subscriber.subscribed.wait(5)
+        assert engine._subscription is not None and engine._subscription.subscribed.wait(5)
         store_version(sessions, lm, random_delta(lm, layer=1, seed=1), name="n1")
         assert [v.name for v in engine.versions()] == []  # polling alone would wait an hour
         publish_versions_changed(REDIS_URL)

@@ -19,8 +19,8 @@ from app.ml.judges import load_judge
 from app.ml.unlearn import unlearn
 from app.ml.unlearn_params import UnlearnParams
 from app.serving.engine import Engine
+from app.serving.factory import StoreVersionSource
 from app.serving.sampling import SamplingParams
-from app.serving.source import StoreVersionSource
 from app.settings import Settings
 from app.store import crud
 from tests.factories import tiny_model

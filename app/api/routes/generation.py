@@ -1,6 +1,6 @@
 """OpenAI-compatible generation and A/B: HTTP only (JSON, SSE or the error envelope).
 
-The handlers live in `app.serving.serving`; this router maps their typed errors to statuses and
+The handlers live in `app.serving.handlers`; this router maps their typed errors to statuses and
 cancels a request whose client went away, which frees its slot in the batch.
 """
 
@@ -25,6 +25,7 @@ from app.serving.errors import (
     ServingError,
     UnknownModelError,
 )
+from app.serving.handlers import OpenAIHandlers
 from app.serving.protocol import (
     AbRequest,
     AbResponse,
@@ -34,7 +35,6 @@ from app.serving.protocol import (
     CompletionRequest,
     ModelList,
 )
-from app.serving.serving import OpenAIServing
 
 router = APIRouter(prefix="/v1", tags=["generation"], dependencies=[Reader])
 
@@ -56,14 +56,14 @@ OVERLOADED_RETRY_AFTER_S = 1
 CLIENT_CLOSED = 499  # nginx's "client closed request"; nobody reads it
 
 
-async def get_serving(request: Request) -> OpenAIServing:
+async def get_serving(request: Request) -> OpenAIHandlers:
     try:
         return await request.app.state.serving.get()
     except ServingError as exc:
         raise _api_error(exc, "model") from exc
 
 
-ServingDep = Annotated[OpenAIServing, Depends(get_serving)]
+ServingDep = Annotated[OpenAIHandlers, Depends(get_serving)]
 
 
 class _ClientGone(Exception):

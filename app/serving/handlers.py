@@ -1,9 +1,11 @@
 """The OpenAI-compatible handlers: requests in, response models or SSE lines out.
 
-Built once per app around an `Engine` (anything with its interface: tests may pass a fake).
-Blocking steps (resolving and loading a version, tokenising, judging) run in worker threads so the
-event loop stays free; errors are the typed `app.serving.errors`, which the router maps to HTTP.
-Torch-free at import: the engine module is only named for type checking.
+Built once per app around an `Engine` (anything with its interface: tests may pass a fake), and
+optionally a `TrafficRouter` (`app.serving.traffic`) that routes some models elsewhere and watches
+their responses: experiments plug in there. Blocking steps (resolving and loading a version,
+tokenising, judging) run in worker threads so the event loop stays free; errors are the typed
+`app.serving.errors`, which the router maps to HTTP. Torch-free at import: the engine module is
+only named for type checking.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ from app.serving.protocol import (
     now,
 )
 from app.serving.sampling import Event, Failed, Finished, TextDelta
+from app.serving.traffic import Route, ServedResponse, TrafficRouter
 
 if TYPE_CHECKING:
-    from app.experiments.service import Assignment, ExperimentRouter, OutcomeRecorder
     from app.serving.engine import Engine, Target
 
 DONE = "data: [DONE]\n\n"
@@ -52,19 +54,13 @@ def sse(payload: BaseModel | dict) -> str:
     return f"data: {body}\n\n"
 
 
-class OpenAIServing:
+class OpenAIHandlers:
     def __init__(
-        self,
-        engine: Engine,
-        *,
-        started: int | None = None,
-        experiments: ExperimentRouter | None = None,
-        outcomes: OutcomeRecorder | None = None,
+        self, engine: Engine, *, started: int | None = None, traffic: TrafficRouter | None = None
     ):
         self.engine = engine
         self.started = started or now()
-        self.experiments = experiments  # routes `exp:<name>`; without it, that is no model
-        self.outcomes = outcomes  # records what an experiment served
+        self.traffic = traffic  # routes some models elsewhere (`exp:<name>`); else none is routed
 
     # -- /v1/models ------------------------------------------------------------------------
 
@@ -80,14 +76,14 @@ class OpenAIServing:
 
     async def completion(self, request: CompletionRequest) -> Completion | AsyncIterator[str]:
         start = time.perf_counter()
-        assignment, target, ids = await asyncio.to_thread(
+        route, target, ids = await asyncio.to_thread(
             self._prepare, request, lambda: self.engine.encode_text(request.text())
         )
         params = request.to_sampling_params(
             self.engine.token_budget(ids, request.requested_tokens())
         )
         rid, created = new_id("cmpl"), now()
-        served = self._recorder(assignment, rid, request.text(), start)
+        served = self._watcher(route, rid, request.text(), start)
         if request.stream:
             events = await self._started(ids, target, params)
             return self._completion_stream(request, rid, created, target, served(events))
@@ -104,14 +100,14 @@ class OpenAIServing:
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[str]:
         start = time.perf_counter()
         messages = request.plain_messages()
-        assignment, target, ids = await asyncio.to_thread(
+        route, target, ids = await asyncio.to_thread(
             self._prepare, request, lambda: self.engine.encode_chat(messages)
         )
         params = request.to_sampling_params(
             self.engine.token_budget(ids, request.requested_tokens())
         )
         rid, created = new_id("chatcmpl"), now()
-        served = self._recorder(assignment, rid, request.last_user_text(), start)
+        served = self._watcher(route, rid, request.last_user_text(), start)
         if request.stream:
             events = await self._started(ids, target, params)
             return self._chat_stream(request, rid, created, target, served(events))
@@ -132,28 +128,26 @@ class OpenAIServing:
 
     def _prepare(
         self, request: CompletionRequest | ChatCompletionRequest, encode: Callable[[], list[int]]
-    ) -> tuple[Assignment | None, Target, list[int]]:
-        """The experiment's assignment (for `exp:<name>`), the resolved model and the prompt's
-        ids. Blocking: may read the store and load a version."""
-        assignment = None
-        if self.experiments is not None:
-            assignment = self.experiments.route(request.model, request.user)
-        if assignment is None:
+    ) -> tuple[Route | None, Target, list[int]]:
+        """The request's route (for a routed model such as `exp:<name>`), the resolved model and
+        the prompt's ids. Blocking: may read the store and load a version."""
+        route = None
+        if self.traffic is not None:
+            route = self.traffic.route(request.model, request.user)
+        if route is None:
             return None, self.engine.target(request.model), encode()
         try:
-            target = self.engine.target(assignment.model)
+            target = self.engine.target(route.model)
         except UnknownModelError:
             raise UnknownModelError(
-                f"{request.model}'s arm {assignment.model!r} is no longer served (retired?); "
+                f"{request.model}'s arm {route.model!r} is no longer served (retired?); "
                 "stop the experiment, naming another arm as its winner"
             ) from None
-        return assignment, target, encode()
+        return route, target, encode()
 
-    def _recorder(
-        self, assignment: Assignment | None, rid: str, prompt: str, start: float
-    ) -> _Outcome:
-        recorder = self.outcomes if assignment is not None and assignment.recorded else None
-        return _Outcome(recorder, assignment, rid, prompt, start)
+    def _watcher(self, route: Route | None, rid: str, prompt: str, start: float) -> _Watcher:
+        traffic = self.traffic if route is not None and route.watched else None
+        return _Watcher(traffic, route, rid, prompt, start)
 
     async def _started(self, ids, target, params) -> AsyncIterator[Event]:
         """The engine's stream, its first event already taken: admission (a full engine raises
@@ -259,25 +253,23 @@ class OpenAIServing:
         return AbResponse(arms=arms, judge=judge_name)
 
 
-class _Outcome:
-    """Hands a response of a running experiment to the recorder once it has finished (a
-    stream that ends early counts for nothing). Without a recorder it does nothing."""
+class _Watcher:
+    """Hands a watched route's response to the traffic router once it has finished (a stream
+    that ends early counts for nothing). Without a router it does nothing."""
 
-    def __init__(self, recorder, assignment, response_id: str, prompt: str, start: float):
-        self._recorder = recorder
-        self._assignment = assignment
+    def __init__(self, traffic, route, response_id: str, prompt: str, start: float):
+        self._traffic = traffic
+        self._route = route
         self._response_id = response_id
         self._prompt = prompt
         self._start = start
 
     def finished(self, result: Finished) -> None:
-        if self._recorder is None:
+        if self._traffic is None:
             return
-        from app.experiments.service import Served  # store-side module: only with experiments
-
-        self._recorder.submit(
-            Served(
-                assignment=self._assignment,
+        self._traffic.served(
+            self._route,
+            ServedResponse(
                 response_id=self._response_id,
                 prompt=self._prompt,
                 text=result.text,
@@ -285,11 +277,11 @@ class _Outcome:
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
                 finish_reason=result.finish_reason,
-            )
+            ),
         )
 
     def __call__(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        return events if self._recorder is None else self._watched(events)
+        return events if self._traffic is None else self._watched(events)
 
     async def _watched(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
         async with aclosing(events):

@@ -1,12 +1,8 @@
-"""Experiments in the API process: route `exp:<name>` requests to an arm, and record every
-response's outcome off the request path.
+"""Every response an experiment served, recorded and judged off the request path.
 
-`ExperimentRouter` keeps the experiments it has read for `ttl_s` (a stop made by another API
-process is seen within that time; one made here at once); when the database is down it keeps
-routing on what it read last. `OutcomeRecorder` is one background thread: it writes each served
-response's row, then judges the batch it took and stores the verdicts. A judge that fails leaves
-the rows unjudged with the reason; a database that fails is retried for `retry_s`. Nothing here
-runs on the caller's path but a dictionary lookup and a queue put.
+`OutcomeRecorder` is one background thread: it writes each served response's row, then judges
+the batch it took and stores the verdicts. A judge that fails leaves the rows unjudged with the
+reason; a database that fails is retried for `retry_s`. The caller only puts on a queue.
 """
 
 from __future__ import annotations
@@ -21,11 +17,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from app.experiments.assign import Arm, assign, user_hash
-from app.serving.errors import UnknownModelError
+from app.experiments.routing import Assignment
+from app.serving.traffic import ServedResponse
 from app.store import crud
-from app.store.errors import NotFound
-from app.store.models import Experiment
 
 if TYPE_CHECKING:
     from app.ml.judges import Verdict  # torch: the API imports it only once it generates
@@ -33,7 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREFIX = "exp:"
 JudgeName = Literal["service", "offline", "none"]  # DETOX_JUDGE, the offline one, or none
 BATCH = 32
 
@@ -41,56 +34,11 @@ VerdictFn = Callable[[str, Sequence[str], Sequence[str]], "list[Verdict]"]
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """An experiment as routing needs it."""
-
-    id: int
-    name: str
-    running: bool
-    arms: tuple[Arm, ...]
-    winner: str | None
-    judge: str
-    keep_text: bool
-
-    @classmethod
-    def of(cls, row: Experiment) -> Snapshot:
-        return cls(
-            id=row.id,
-            name=row.name,
-            running=row.status == "running",
-            arms=tuple(Arm(a["model"], float(a["weight"])) for a in row.arms),
-            winner=row.winner,
-            judge=row.judge,
-            keep_text=row.keep_text,
-        )
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """Which model serves a request of an experiment; `recorded`: whether it counts (only
-    while the experiment runs)."""
-
-    experiment: Snapshot
-    model: str
-    user_hash: str | None
-
-    @property
-    def recorded(self) -> bool:
-        return self.experiment.running
-
-
-@dataclass(frozen=True)
 class Served:
-    """One response of an experiment, as the recorder receives it."""
+    """One response of an experiment, as the recorder queues it."""
 
     assignment: Assignment
-    response_id: str
-    prompt: str
-    text: str
-    latency_ms: float
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str | None
+    response: ServedResponse
 
 
 def verdicts_via(engine: Callable[[], Engine]) -> VerdictFn:
@@ -105,51 +53,6 @@ def verdicts_via(engine: Callable[[], Engine]) -> VerdictFn:
         return engine().verdicts(prompts, texts)[1]
 
     return verdicts
-
-
-class ExperimentRouter:
-    def __init__(self, sessions: Any, *, ttl_s: float = 1.0):
-        self._sessions = sessions
-        self._ttl_s = ttl_s
-        self._lock = threading.Lock()
-        self._cache: dict[str, tuple[float, Snapshot]] = {}
-
-    def route(self, model: str, user: str | None) -> Assignment | None:
-        """None for a model that is not `exp:<name>`; else the arm that serves it. Blocking
-        (may read the store); UnknownModelError for an unknown experiment."""
-        if not model.startswith(PREFIX):
-            return None
-        experiment = self.snapshot(model.removeprefix(PREFIX))
-        if experiment.running:
-            chosen = assign(experiment.name, experiment.arms, user).model
-        else:
-            chosen = experiment.winner or "base"
-        return Assignment(experiment, chosen, user_hash(user))
-
-    def snapshot(self, name: str) -> Snapshot:
-        with self._lock:
-            cached = self._cache.get(name)
-        if cached is not None and time.monotonic() - cached[0] < self._ttl_s:
-            return cached[1]
-        try:
-            with self._sessions() as session:
-                snapshot = Snapshot.of(crud.get_experiment(session=session, name=name))
-        except NotFound:
-            self.forget(name)
-            raise UnknownModelError(f"there is no experiment named {name!r}") from None
-        except SQLAlchemyError:
-            if cached is None:
-                raise
-            log.warning("database unavailable: routing experiment %r as last read", name)
-            return cached[1]
-        with self._lock:
-            self._cache[name] = (time.monotonic(), snapshot)
-        return snapshot
-
-    def forget(self, name: str) -> None:
-        """Read `name` afresh next time (after a change made in this process)."""
-        with self._lock:
-            self._cache.pop(name, None)
 
 
 class OutcomeRecorder:
@@ -172,17 +75,18 @@ class OutcomeRecorder:
         self._thread = threading.Thread(target=self._loop, name="detox-outcomes", daemon=True)
         self._thread.start()
 
-    def submit(self, served: Served) -> None:
+    def submit(self, assignment: Assignment, response: ServedResponse) -> None:
         """Queue a response for recording and judging (never blocks)."""
-        if not served.assignment.recorded:
+        if not assignment.recorded:
             return
+        served = Served(assignment, response)
         with self._settled:
-            self._pending.add(served.response_id)
+            self._pending.add(served.response.response_id)
         try:
             self._queue.put_nowait(served)
         except queue.Full:
             self._settle([served], dropped=True)
-            log.error("experiment outcome queue full: dropped %s", served.response_id)
+            log.error("experiment outcome queue full: dropped %s", served.response.response_id)
 
     def wait(self, response_id: str, timeout: float = 5.0) -> None:
         """Return once `response_id` is no longer queued (recorded, or given up on)."""
@@ -245,20 +149,21 @@ class OutcomeRecorder:
             crud.record_outcome(
                 session=session,
                 experiment_id=served.assignment.experiment.id,
-                response_id=served.response_id,
+                response_id=served.response.response_id,
                 arm=served.assignment.model,
                 user_hash=served.assignment.user_hash,
-                latency_ms=served.latency_ms,
-                prompt_tokens=served.prompt_tokens,
-                completion_tokens=served.completion_tokens,
-                finish_reason=served.finish_reason,
-                prompt=served.prompt if keep else None,
-                response=served.text if keep else None,
+                latency_ms=served.response.latency_ms,
+                prompt_tokens=served.response.prompt_tokens,
+                completion_tokens=served.response.completion_tokens,
+                finish_reason=served.response.finish_reason,
+                prompt=served.response.prompt if keep else None,
+                response=served.response.text if keep else None,
             )
 
     def _judge(self, judge: str, group: list[Served]) -> None:
         try:
-            verdicts = self._verdicts(judge, [s.prompt for s in group], [s.text for s in group])
+            prompts, texts = [s.response.prompt for s in group], [s.response.text for s in group]
+            verdicts = self._verdicts(judge, prompts, texts)
             results = [
                 {"unsafe": v.unsafe, "unsafe_score": round(v.score, 4), "refused": v.refused}
                 for v in verdicts
@@ -270,7 +175,9 @@ class OutcomeRecorder:
 
             def store(served: Served = served, result: dict = result) -> None:
                 with self._sessions() as session:
-                    crud.judge_outcome(session=session, response_id=served.response_id, **result)
+                    crud.judge_outcome(
+                        session=session, response_id=served.response.response_id, **result
+                    )
 
             self._retrying(store)
 
@@ -295,7 +202,7 @@ class OutcomeRecorder:
     def _settle(self, batch: list[Served], *, dropped: bool) -> None:
         with self._settled:
             for served in batch:
-                self._pending.discard(served.response_id)
+                self._pending.discard(served.response.response_id)
             if dropped:
                 self.dropped += len(batch)
             else:
