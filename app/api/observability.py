@@ -19,7 +19,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import (
@@ -28,7 +28,6 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,7 +35,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import logs
 from app.experiments.outcomes import OutcomeRecorder
 from app.serving.provider import ServingProvider
-from app.store.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES, Job
+from app.store import crud
+from app.store.models import JOB_KINDS, JOB_STATUSES
 
 log = logging.getLogger("detox.access")
 
@@ -126,16 +126,9 @@ class ServiceCollector:
 
     def _store_metrics(self) -> Iterator[Metric]:
         with self._sessions()() as session:
-            counts = session.execute(
-                select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
-            ).all()
-            finished = session.execute(
-                select(Job.kind, Job.started_at, Job.finished_at).where(
-                    Job.status.in_(TERMINAL_STATUSES), Job.started_at.is_not(None)
-                )
-            ).all()
+            by = crud.job_counts(session=session)
+            finished = crud.finished_job_times(session=session)
         jobs = GaugeMetricFamily("detox_jobs", "Jobs by kind and status", labels=("kind", "status"))
-        by = {(kind, status): n for kind, status, n in counts}
         for kind in JOB_KINDS:
             for status in JOB_STATUSES:
                 jobs.add_metric([kind, status], by.get((kind, status), 0))
@@ -175,7 +168,7 @@ class ServiceCollector:
         yield from (recorded, dropped)
 
 
-def _job_durations(rows: list[Any]) -> Metric:
+def _job_durations(rows: list[tuple[str, datetime, datetime]]) -> Metric:
     family = HistogramMetricFamily(
         "detox_job_duration_seconds", "Run time of finished jobs (start to finish), by kind",
         labels=("kind",),

@@ -61,6 +61,7 @@ from app.store._records import (
     revoke_api_key,
 )
 from app.store._rows import MAX_PAGE, NAME_PATTERN, RESERVED_NAMES
+from app.store._stats import finished_job_times, job_counts
 from app.store._versions import (
     ChainBlobs,
     DeltaIn,
@@ -120,6 +121,7 @@ __all__ = [
     "finish_job_evaluated",
     "finish_job_failed",
     "finish_job_succeeded",
+    "finished_job_times",
     "get_api_key",
     "get_api_key_by_id",
     "get_corpus",
@@ -129,6 +131,7 @@ __all__ = [
     "get_version_by_id",
     "heartbeat",
     "is_cancel_requested",
+    "job_counts",
     "judge_outcome",
     "list_api_keys",
     "list_corpora",
