@@ -16,6 +16,14 @@ from app.store._corpora import (
     get_corpus,
     list_corpora,
 )
+from app.store._deltas import (
+    ChainBlobs,
+    DeltaSummary,
+    delta_summaries,
+    delta_summary,
+    load_chain_blobs,
+    load_delta_blobs,
+)
 from app.store._experiments import (
     ArmCounts,
     arm_counts,
@@ -29,6 +37,7 @@ from app.store._experiments import (
     set_feedback,
     stop_experiment,
 )
+from app.store._job_results import DeltaIn, finish_job_evaluated, finish_job_succeeded
 from app.store._jobs import (
     UNSENT,
     JobPage,
@@ -52,7 +61,7 @@ from app.store._jobs import (
     requeue_unsent_job,
     update_progress,
 )
-from app.store._records import (
+from app.store._keys import (
     count_live_api_keys,
     create_api_key,
     get_api_key,
@@ -63,21 +72,12 @@ from app.store._records import (
 from app.store._rows import MAX_PAGE, NAME_PATTERN, RESERVED_NAMES
 from app.store._stats import finished_job_times, job_counts
 from app.store._versions import (
-    ChainBlobs,
-    DeltaIn,
-    DeltaSummary,
     check_version_name,
     check_version_name_free,
-    delta_summaries,
-    delta_summary,
-    finish_job_evaluated,
-    finish_job_succeeded,
     get_version,
     get_version_by_id,
     list_versions,
     live_children,
-    load_chain_blobs,
-    load_delta_blobs,
     merge_version_metrics,
     retire_version,
     version_chain,

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from app.store import _versions, crud
+from app.store import _job_results, crud
 from app.store.errors import (
     BaseFingerprintMismatch,
     DeltaChecksumError,
@@ -89,7 +89,7 @@ def test_failure_mid_transaction_writes_nothing(session: Session, monkeypatch):
         session.flush()
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(_versions, "_add_delta_rows", add_one_then_fail)
+    monkeypatch.setattr(_job_results, "_add_delta_rows", add_one_then_fail)
     job = running_job(session)
     with pytest.raises(RuntimeError, match="disk full"):
         _succeed(session, job.id, deltas=[delta("a"), delta("b")])

@@ -1,4 +1,4 @@
-"""API keys (stored as hashes only; hashing is the API's business). Corpora: `_corpora`."""
+"""API keys, stored as hashes only (hashing is the API's business)."""
 
 from __future__ import annotations
 
