@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.auth import Editor, EditorDep, Reader
 from app.api.deps import SessionDep
 from app.api.errors import ApiError
-from app.api.experiment_schemas import (
+from app.api.schemas import (
     ExperimentCreate,
     ExperimentList,
     ExperimentPublic,

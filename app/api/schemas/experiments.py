@@ -1,4 +1,4 @@
-"""Request and response bodies of /v1/experiments (the family of `app.api.schemas`)."""
+"""Experiments: create, stop, feedback, outcomes and results with their intervals."""
 
 from __future__ import annotations
 
