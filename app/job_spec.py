@@ -26,7 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from app.ml.corpus import CorpusError, Document, check_unicode, document_json, parse_document
-from app.ml.params import DinmParams
+from app.ml.dinm_params import DinmParams
 from app.ml.safeedit import SafeEditInstance
 from app.ml.unlearn_params import UnlearnMethod, UnlearnParams
 from app.store import crud

@@ -57,10 +57,10 @@ def main() -> None:
 
     from app.ml.deltas import applied
     from app.ml.dinm import dinm_edit
+    from app.ml.dinm_params import DEFAULT_PRESET, DinmParams
     from app.ml.evaluation import evaluate
     from app.ml.judges import load_judge
     from app.ml.models import load_model
-    from app.ml.params import DEFAULT_PRESET, DinmParams
     from app.ml.safeedit import load_instances
 
     if threads := os.environ.get("DETOX_TORCH_THREADS"):

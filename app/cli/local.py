@@ -11,7 +11,7 @@ from app.cli.output import console, stage_progress, stdout
 from app.ml.bias import filter_pairs, load_pairs
 from app.ml.corpus import read_corpus
 from app.ml.deltas import Delta, applied, checksum
-from app.ml.dinm import DinmParams
+from app.ml.dinm_params import DinmParams
 from app.ml.errors import InputError
 from app.ml.evaluation import evaluate
 from app.ml.judges import load_judge

@@ -8,14 +8,14 @@ for a few steps with
 
 where the KL runs over the answer tokens of the instance's knowledge-constraint prompt. Unlike the
 reference implementation, the post-edit logits keep their graph, so the constraint really acts.
-That is the `"paper"` preset. Beyond the paper (see `app.ml.params` and `app.ml.dinm_objective`):
-the NLL can also cover the instance's bare `question`, a KL on a packaged benign retain set keeps
-everyday requests answered, the update can be kept off the input directions of that set's answers
-(`app.ml.null_space`), an NLL of refusals on a packaged set of other harmful requests shows the
-edit what else to refuse, the locator can leave out the attention-sink position, tuning can stop
-once the NLL is low enough or once greedy decoding starts with the safe response (and, if asked,
-with the refusals of the step's harmful group), and the top-k located layers can be tuned
-together (the fast path then replays from the lowest of them).
+That is the `"paper"` preset. Beyond the paper (see `app.ml.dinm_params` and
+`app.ml.dinm_objective`): the NLL can also cover the instance's bare `question`, a KL on a packaged
+benign retain set keeps everyday requests answered, the update can be kept off the input directions
+of that set's answers (`app.ml.null_space`), an NLL of refusals on a packaged set of other harmful
+requests shows the edit what else to refuse, the locator can leave out the attention-sink position,
+tuning can stop once the NLL is low enough or once greedy decoding starts with the safe response
+(and, if asked, with the refusals of the step's harmful group), and the top-k located layers can be
+tuned together (the fast path then replays from the lowest of them).
 
 The tuned weight is parametrised as `W + D` with an fp32 trainable `D` that starts at zero: the
 result is `D` itself (no subtraction), the base weights are restored bitwise afterwards, and bf16
@@ -41,10 +41,10 @@ from app.ml.dinm_objective import (
     benign_retain_set,
     harmful_retain_set,
 )
+from app.ml.dinm_params import DinmParams
 from app.ml.errors import EditCancelled
 from app.ml.models import LoadedModel
 from app.ml.null_space import benign_directions
-from app.ml.params import DinmParams
 from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner, PlainRunner, Runner, run_layers
 from app.ml.safeedit import SafeEditInstance

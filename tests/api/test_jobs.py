@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api.main import create_app
-from app.ml.params import DEFAULT_PRESET, DinmParams
+from app.ml.dinm_params import DEFAULT_PRESET, DinmParams
 from app.store import crud
 from tests.api.conftest import (
     CASE,

@@ -12,8 +12,8 @@ from app.ml.dinm_objective import (
     benign_retain_set,
     harmful_retain_set,
 )
+from app.ml.dinm_params import DEFAULT_PRESET, PRESETS
 from app.ml.errors import InputError
-from app.ml.params import DEFAULT_PRESET, PRESETS
 from app.ml.prompts import chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner, PlainRunner
 from app.ml.weight_shift import WeightShift

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import processors
 
-from app.ml.params import PAPER_SUFFIX
+from app.ml.dinm_params import PAPER_SUFFIX
 from app.ml.prompts import chat_text, encode_prompt, encode_prompt_answer
 from tests.factories import tiny_tokenizer
 
