@@ -133,45 +133,82 @@ def dinm_edit(
     report = progress or (lambda _stage, _fraction: None)
     start = time.perf_counter()
     report("locate", 0.0)
+    layers, distances = _edited_layers(lm, instance, params)
+    report("locate", 1.0)
+    data = _encode(lm, instance, params)
+    names = [lm.adapter.mlp_out_param_name(layer) for layer in layers]
+    base_fingerprint = fingerprint(lm.model, names)
+    modules = [lm.adapter.mlp_out(layer) for layer in layers]
+    keys = _CacheKeys.before_edit(lm, layers, modules, base_fingerprint)
+    bases = None
+    if params.benign_projection > 0:
+        bases = [
+            benign_directions(lm, layer, data.retain, params.benign_projection) for layer in layers
+        ]
+    with weight_shifts(modules, bases, lm.adapter.spec.transposed) as shifts:
+        objective = _objective(lm, min(layers), params, data, keys)
+        losses = _tune(objective, params, shifts, report, should_cancel)
+        updates = {
+            name: DenseUpdate(shift.update().detach().to(lm.dtype))
+            for name, shift in zip(names, shifts, strict=True)
+        }
+    delta = Delta(updates, base_fingerprint, {"model": lm.name, "method": "dinm"})
+    seconds = time.perf_counter() - start
+    return DinmResult(delta, layers[0], distances, losses, seconds, data.warnings, layers)
+
+
+def _edited_layers(
+    lm: LoadedModel, instance: SafeEditInstance, params: DinmParams
+) -> tuple[list[int], list[float]]:
+    """The layers to tune (the located ones, or the given one and those above it) and the
+    locator's distances (empty when a layer was given)."""
     if params.layer is None:
         distances = layer_distances(lm, instance, params.locate_skip)
-        layers = _ranked(distances)[: params.layers]
-    else:
-        distances = []
-        layers = [lm.adapter.check_layer(params.layer)]
-        layers += [i for i in range(layers[0] + 1, lm.adapter.num_layers)][: params.layers - 1]
-    report("locate", 1.0)
+        return _ranked(distances)[: params.layers], distances
+    first = lm.adapter.check_layer(params.layer)
+    return list(range(first, lm.adapter.num_layers))[: params.layers], []
 
+
+@dataclass
+class _EditData:
+    """The instance and the packaged retain sets, encoded for the objective."""
+
+    nll_seq: PromptAnswer  # the safe response to the adversarial prompt
+    kl_seq: PromptAnswer  # the knowledge constraint
+    extra: list[PromptAnswer]  # the safe response to the bare question, when trained on
+    retain: list[PromptAnswer]  # the benign retain set, for its KL and the projection
+    benign: list[AnswerGroup]
+    harmful: list[AnswerGroup]
+    warnings: list[str]
+
+
+def _encode(lm: LoadedModel, instance: SafeEditInstance, params: DinmParams) -> _EditData:
     max_length = min(params.max_length, lm.context_length)
+    pad = lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id or 0
 
     def encode(prompt: str, answer: str, *, suffix: str | None = None, eos: bool = False):
         text = chat_text(lm.tokenizer, prompt, suffix=suffix)
         return encode_prompt_answer(lm.tokenizer, text, answer, max_length=max_length, add_eos=eos)
 
-    def cut(seq: PromptAnswer) -> PromptAnswer:
+    def safe_answer(prompt: str) -> PromptAnswer:
+        seq = encode(prompt, instance.safe_generation, suffix=params.suffix(), eos=True)
         if params.answer_tokens is None:
             return seq
         end = seq.answer_start + params.answer_tokens
         return PromptAnswer(seq.input_ids[:, :end], seq.answer_start, seq.truncated)
 
-    safe = instance.safe_generation
-    nll_seq = cut(encode(instance.adversarial_prompt, safe, suffix=params.suffix(), eos=True))
-    kc = instance.knowledge_constraint
-    kl_seq = encode(kc.prompt, kc.answer)
-    extra = []
-    if params.train_on_question and instance.question:
-        extra.append(cut(encode(instance.question, safe, suffix=params.suffix(), eos=True)))
-    pad = lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id or 0
-
     def groups(pairs: list[PromptAnswer], size: int) -> list[AnswerGroup]:
         return answer_groups(pairs, size, params.steps, pad)
 
-    # Encoded once: the benign KL and the projection both read them.
-    retain = (
-        [encode(p, a) for p, a in benign_retain_set()]
-        if params.benign_kl_weight or params.benign_projection
-        else []
+    nll_seq = safe_answer(instance.adversarial_prompt)
+    kc = instance.knowledge_constraint
+    kl_seq = encode(kc.prompt, kc.answer)
+    extra = (
+        [safe_answer(instance.question)] if params.train_on_question and instance.question else []
     )
+    retain = []
+    if params.benign_kl_weight or params.benign_projection:
+        retain = [encode(p, a) for p, a in benign_retain_set()]
     benign = groups(retain, params.benign_prompts) if params.benign_kl_weight else []
     harmful = []
     if params.harmful_nll_weight:
@@ -181,63 +218,63 @@ def dinm_edit(
         for what, seq in (("the adversarial prompt", nll_seq), ("the knowledge constraint", kl_seq))
         if seq.truncated
     ]
-    objective_args = (nll_seq, kl_seq, extra, benign, harmful)
+    return _EditData(nll_seq, kl_seq, extra, retain, benign, harmful, warnings)
 
-    names = [lm.adapter.mlp_out_param_name(layer) for layer in layers]
-    base_fingerprint = fingerprint(lm.model, names)
-    modules = [lm.adapter.mlp_out(layer) for layer in layers]
-    # Keys of the weights that the kept recordings (those below the edited layers) and the kept
-    # pre-edit distributions (all of them) depend on, taken before the edit's parametrisations.
-    # Registering one bumps the edited weights' version counters without changing them, so those
-    # weights enter by their fingerprint.
-    above = list(lm.adapter.layers)[min(layers) :]
-    objective_args += (
-        weights_key(lm.model, above),
-        (weights_key(lm.model, modules), base_fingerprint),
+
+@dataclass(frozen=True)
+class _CacheKeys:
+    """Keys of the weights that the kept recordings (those below the edited layers) and the kept
+    pre-edit distributions (all of them) depend on. They are taken before the edit's
+    parametrisations: registering one bumps the edited weights' version counters without changing
+    them, so those weights enter by their fingerprint."""
+
+    below: tuple
+    full: tuple
+
+    @classmethod
+    def before_edit(
+        cls, lm: LoadedModel, layers: list[int], modules: list[nn.Module], base_fingerprint: str
+    ) -> _CacheKeys:
+        above = list(lm.adapter.layers)[min(layers) :]
+        below = weights_key(lm.model, above)
+        return cls(below, (weights_key(lm.model, modules), base_fingerprint))
+
+
+def _objective(
+    lm: LoadedModel, lowest: int, params: DinmParams, data: _EditData, keys: _CacheKeys
+) -> DinmObjective:
+    sequences = [data.nll_seq.input_ids, data.kl_seq.input_ids]
+    sequences += [seq.input_ids for seq in data.extra]
+    sequences += [group.input_ids for group in (*data.benign, *data.harmful)]
+    if params.fast_path:  # the retain groups are the same for every edit: recorded once
+        shared = (keys.below, 2 + len(data.extra))
+        runner: Runner = FastRunner(lm, lowest, sequences, shared=shared)
+    else:
+        runner = PlainRunner(lm, lowest, sequences)
+    kept = _BENIGN_PRE.values_for(lm.model, keys.full)
+    names = [
+        (str(lm.device), ids_key(group.input_ids), tuple(group.spans)) for group in data.benign
+    ]
+    objective = DinmObjective(
+        runner,
+        data.nll_seq,
+        data.kl_seq,
+        extra_nll=data.extra,
+        benign=data.benign,
+        harmful=data.harmful,
+        benign_pre=[kept.get(name) for name in names],
     )
-    bases = None
-    if params.benign_projection > 0:
-        bases = [benign_directions(lm, layer, retain, params.benign_projection) for layer in layers]
-    transposed = lm.adapter.spec.transposed
-    with weight_shifts(modules, bases, transposed) as shifts:
-        losses = _tune(lm, min(layers), params, objective_args, shifts, report, should_cancel)
-        updates = {
-            name: DenseUpdate(shift.update().detach().to(lm.dtype))
-            for name, shift in zip(names, shifts, strict=True)
-        }
-    delta = Delta(updates, base_fingerprint, {"model": lm.name, "method": "dinm"})
-    seconds = time.perf_counter() - start
-    return DinmResult(delta, layers[0], distances, losses, seconds, warnings, layers)
+    kept.update(zip(names, objective.benign_pre, strict=True))
+    return objective
 
 
 def _tune(
-    lm: LoadedModel,
-    lowest: int,
+    objective: DinmObjective,
     params: DinmParams,
-    objective_args: tuple,
     shifts: list[WeightShift],
     report: Progress,
     should_cancel: CancelCheck | None,
 ) -> list[float]:
-    nll_seq, kl_seq, extra, benign, harmful, key, full_key = objective_args
-    sequences = [nll_seq.input_ids, kl_seq.input_ids, *(seq.input_ids for seq in extra)]
-    sequences += [group.input_ids for group in (*benign, *harmful)]
-    if params.fast_path:  # the retain groups are the same for every edit: recorded once
-        runner: Runner = FastRunner(lm, lowest, sequences, shared=(key, 2 + len(extra)))
-    else:
-        runner = PlainRunner(lm, lowest, sequences)
-    kept = _BENIGN_PRE.values_for(lm.model, full_key)
-    names = [(str(lm.device), ids_key(group.input_ids), tuple(group.spans)) for group in benign]
-    objective = DinmObjective(
-        runner,
-        nll_seq,
-        kl_seq,
-        extra_nll=extra,
-        benign=benign,
-        harmful=harmful,
-        benign_pre=[kept.get(name) for name in names],
-    )
-    kept.update(zip(names, objective.benign_pre, strict=True))
     optimizer = torch.optim.Adam([shift.delta for shift in shifts], lr=params.lr)
     losses: list[float] = []
     report("tune", 0.0)
