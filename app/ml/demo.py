@@ -73,7 +73,8 @@ def _download_gguf(work: Path) -> Path:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    from app.ml.models import read_gguf  # deferred: models imports this module
+    # Deferred: reading GGUF needs torch, and the torch-free API imports this module's names.
+    from app.ml.gguf import read_gguf
 
     model, tokenizer = read_gguf(gguf)
     model.save_pretrained(out)

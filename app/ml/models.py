@@ -19,6 +19,7 @@ from app.ml.arch import ModelAdapter
 from app.ml.deltas import fingerprint
 from app.ml.demo import demo_model_dir
 from app.ml.errors import InputError
+from app.ml.gguf import read_gguf
 
 log = logging.getLogger(__name__)
 
@@ -114,20 +115,6 @@ def load_model(
     model.requires_grad_(False)
     _ensure_pad_token(tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, name=source)
-
-
-def read_gguf(path: Path, dtype: torch.dtype = torch.float32):
-    """Read a GGUF file into a plain (de-quantised, serialisable) transformers model."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except (OSError, ValueError) as exc:  # not GGUF, or an architecture transformers cannot read
-        raise InputError(f"cannot read GGUF file {str(path)!r}: {exc}") from exc
-    # The weights are already de-quantised: forget the GGUF quantiser so the model can be saved.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model, tokenizer
 
 
 def _read_folder(source: Path | str, dtype: torch.dtype):

@@ -11,7 +11,8 @@ import transformers as tf
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from app.ml.errors import InputError, UnknownArchitectureError
-from app.ml.models import LoadedModel, load_model, pick_device, pick_dtype, read_gguf
+from app.ml.gguf import read_gguf
+from app.ml.models import LoadedModel, load_model, pick_device, pick_dtype
 from tests.factories import tiny_model, tiny_tokenizer
 
 
