@@ -22,6 +22,7 @@ from torch import nn
 
 from app.ml.corpus import EncodedDocument
 from app.ml.errors import EditCancelled
+from app.ml.models import LoadedModel
 from app.ml.unlearn_data import Batch, collate, cycle
 from app.ml.unlearn_params import UnlearnParams
 from app.ml.unlearn_scope import Trainable
@@ -44,7 +45,15 @@ class Outcome:
 
 
 class Trainer:
-    def __init__(self, lm, trainable: Trainable, forget, retain, method, params: UnlearnParams):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        trainable: Trainable,
+        forget: list[EncodedDocument],
+        retain: list[EncodedDocument],
+        method: str,
+        params: UnlearnParams,
+    ):
         self.lm, self.trainable, self.method, self.params = lm, trainable, method, params
         self.forget, self.retain = forget, retain
         self.pad = lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id or 0
@@ -54,50 +63,47 @@ class Trainer:
         self.needs_retain = method == "graddiff" or params.kl_weight > 0
         self.reference = self._reference_logprobs() if method == "npo" else {}
         self.tokens = 0  # tokens through forward and backward so far
+        self.train_seconds = 0.0  # in the optimiser steps alone
+        self.history: list[dict[str, float]] = []  # per step: the loss terms
 
     def run(self, report: Progress, should_cancel: CancelCheck | None) -> Outcome:
         params = self.params
         optimizer = torch.optim.AdamW(self.trainable.parameters, lr=params.lr, weight_decay=0.0)
         ppl_before, forget_before = self.retain_perplexity(), self.forget_nll()
-        bound = (
-            math.inf
-            if params.max_ppl_increase is None
-            else ppl_before * (1 + params.max_ppl_increase)
-        )
-        saved, kept, stopped = self.trainable.snapshot(), 0, "steps"
-        train_seconds = 0.0
-        history: list[dict[str, float]] = []
-        checks = [{"step": 0, "retain_ppl": ppl_before}]
+        guard = _Guard(self, ppl_before)
         self.lm.model.train(False)  # dropout off: the gradient of a deterministic model
         report("unlearn", 0.0)
-        for step in range(1, params.steps + 1):
-            if should_cancel is not None and should_cancel():
-                raise EditCancelled(f"cancelled after {step - 1} of {params.steps} steps")
-            began = time.perf_counter()
-            history.append(self._step(optimizer))
-            train_seconds += time.perf_counter() - began
-            report("unlearn", step / params.steps)
-            target_hit = (
-                params.stop_forget_nll is not None
-                and history[-1]["forget_nll"] >= params.stop_forget_nll
-            )
-            if step % params.check_every and step != params.steps and not target_hit:
-                continue
-            ppl = self.retain_perplexity()
-            checks.append({"step": step, "retain_ppl": ppl})
-            if ppl > bound:
-                self.trainable.restore(saved)
-                stopped = "perplexity_guard"
-                break
-            saved, kept = self.trainable.snapshot(), step
-            if target_hit:
-                stopped = "forget_target"
-                break
+        stopped = self._train(optimizer, guard, report, should_cancel)
         forget_after = self.forget_nll()
         return Outcome(
-            kept, stopped, history, checks, ppl_before, forget_before, forget_after,
-            train_seconds, self.tokens,
+            guard.kept, stopped, self.history, guard.checks, ppl_before, forget_before,
+            forget_after, self.train_seconds, self.tokens,
         )  # fmt: skip
+
+    def _train(
+        self,
+        optimizer: torch.optim.Optimizer,
+        guard: _Guard,
+        report: Progress,
+        should_cancel: CancelCheck | None,
+    ) -> str:
+        """Optimiser steps until the last one, the guard or the forget target: which stopped it."""
+        steps, stop_nll = self.params.steps, self.params.stop_forget_nll
+        for step in range(1, steps + 1):
+            if should_cancel is not None and should_cancel():
+                raise EditCancelled(f"cancelled after {step - 1} of {steps} steps")
+            began = time.perf_counter()
+            self.history.append(self._step(optimizer))
+            self.train_seconds += time.perf_counter() - began
+            report("unlearn", step / steps)
+            target_hit = stop_nll is not None and self.history[-1]["forget_nll"] >= stop_nll
+            if step % self.params.check_every and step != steps and not target_hit:
+                continue
+            if not guard.check(step):
+                return "perplexity_guard"
+            if target_hit:
+                return "forget_target"
+        return "steps"
 
     def _step(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
@@ -115,28 +121,34 @@ class Trainer:
         self.tokens += int(batch.attention.sum())
         nll = self._target_nll(batch)
         forget_nll = nll.mean()
-        if self.method == "npo":
-            logp = -_per_row(nll, batch)
-            ref = torch.stack([self.reference[id(p)] for p in pieces]).to(logp)
-            loss = (2 / self.params.npo_beta) * F.softplus(
-                self.params.npo_beta * (logp - ref)
-            ).mean()
-        else:
-            loss = -forget_nll
+        loss = self._npo_loss(nll, batch, pieces) if self.method == "npo" else -forget_nll
         terms = {"forget_nll": forget_nll}
         if self.needs_retain:
-            retain = collate(next(self.retain_batches), self.pad, self.lm.device)
-            self.tokens += int(retain.attention.sum())
-            if self.method == "graddiff":
-                retain_nll = self._target_nll(retain).mean()
-                loss = loss + self.params.retain_weight * retain_nll
-                terms["retain_nll"] = retain_nll
-            if self.params.kl_weight > 0:
-                kl = self._retain_kl(retain)
-                loss = loss + self.params.kl_weight * kl
-                terms["retain_kl"] = kl
+            loss = self._with_retain(loss, terms)
         terms["loss"] = loss
         return terms
+
+    def _npo_loss(
+        self, nll: torch.Tensor, batch: Batch, pieces: list[EncodedDocument]
+    ) -> torch.Tensor:
+        """(2/beta) mean softplus(beta * log-ratio to the parent), summed over each piece."""
+        logp = -_per_row(nll, batch)
+        ref = torch.stack([self.reference[id(p)] for p in pieces]).to(logp)
+        beta = self.params.npo_beta
+        return (2 / beta) * F.softplus(beta * (logp - ref)).mean()
+
+    def _with_retain(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`loss` plus the terms on the next retain batch (graddiff's NLL, the KL), each also
+        recorded in `terms`."""
+        retain = collate(next(self.retain_batches), self.pad, self.lm.device)
+        self.tokens += int(retain.attention.sum())
+        if self.method == "graddiff":
+            terms["retain_nll"] = self._target_nll(retain).mean()
+            loss = loss + self.params.retain_weight * terms["retain_nll"]
+        if self.params.kl_weight > 0:
+            terms["retain_kl"] = self._retain_kl(retain)
+            loss = loss + self.params.kl_weight * terms["retain_kl"]
+        return loss
 
     def _target_logits(self, batch: Batch) -> torch.Tensor:
         """Logits [n, vocab] at the n positions that predict a target token, in row-major order.
@@ -187,6 +199,28 @@ class Trainer:
             total += nll.sum().item()
             count += nll.numel()
         return total / max(count, 1.0)
+
+
+class _Guard:
+    """The retain-perplexity bound: a check within it snapshots the trainable update, a check past
+    it restores the last snapshot. `kept` is the step of that snapshot, `checks` every check."""
+
+    def __init__(self, trainer: Trainer, ppl_before: float):
+        increase = trainer.params.max_ppl_increase
+        self.bound = math.inf if increase is None else ppl_before * (1 + increase)
+        self.trainer, self.trainable = trainer, trainer.trainable
+        self.saved, self.kept = self.trainable.snapshot(), 0
+        self.checks: list[dict[str, float]] = [{"step": 0, "retain_ppl": ppl_before}]
+
+    def check(self, step: int) -> bool:
+        """Whether the state after `step` is within the bound (else it is undone)."""
+        ppl = self.trainer.retain_perplexity()
+        self.checks.append({"step": step, "retain_ppl": ppl})
+        if ppl > self.bound:
+            self.trainable.restore(self.saved)
+            return False
+        self.saved, self.kept = self.trainable.snapshot(), step
+        return True
 
 
 def _per_row(values: torch.Tensor, batch: Batch) -> torch.Tensor:
