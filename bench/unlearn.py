@@ -27,8 +27,11 @@ from app.ml.bias import filter_pairs, load_pairs  # noqa: E402
 from app.ml.corpus import Document  # noqa: E402
 from app.ml.memory import peak_mb, reset_peak  # noqa: E402
 from app.ml.models import load_model  # noqa: E402
-from app.ml.unlearn import _collate, _module_names, _pieces, unlearn  # noqa: E402
+from app.ml.unlearn import unlearn  # noqa: E402
+from app.ml.unlearn_data import collate as _collate  # noqa: E402
+from app.ml.unlearn_data import pieces as _pieces  # noqa: E402
 from app.ml.unlearn_params import UnlearnParams  # noqa: E402
+from app.ml.unlearn_scope import module_names as _module_names  # noqa: E402
 from bench.transfer import stereotype_documents  # noqa: E402
 
 

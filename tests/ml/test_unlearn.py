@@ -8,8 +8,11 @@ import torch
 from app.ml.corpus import Document
 from app.ml.deltas import Delta, LowRankUpdate, applied
 from app.ml.errors import EditCancelled, InputError
-from app.ml.unlearn import _collate, _module_names, _pieces, _trainable, _Trainer, unlearn
+from app.ml.unlearn import unlearn
+from app.ml.unlearn_data import collate, pieces
 from app.ml.unlearn_params import UnlearnParams
+from app.ml.unlearn_scope import module_names, trainable
+from app.ml.unlearn_trainer import Trainer
 from tests.factories import tiny_model
 
 FORGET = [
@@ -32,7 +35,7 @@ def weights(lm) -> dict[str, torch.Tensor]:
 def test_masked_ga_puts_no_gradient_outside_the_spans():
     lm = tiny_model("llama")
     params = UnlearnParams(scope="dense")
-    pieces = _pieces(lm, FORGET, 64, all_tokens=False)
+    encoded = pieces(lm, FORGET, 64, all_tokens=False)
     seen: list[torch.Tensor] = []
 
     def capture(_module, args):  # the head's full input, before anything selects from it
@@ -41,15 +44,15 @@ def test_masked_ga_puts_no_gradient_outside_the_spans():
 
     handle = lm.adapter.head.register_forward_pre_hook(capture)
     try:
-        with _trainable(lm, _module_names(lm, params), params) as trainable:
-            trainer = _Trainer(lm, trainable, pieces, _pieces(lm, RETAIN, 64, all_tokens=True),
-                               "masked_ga", params)  # fmt: skip
-            trainer._loss_terms(pieces)["loss"].backward()
+        with trainable(lm, module_names(lm, params), params) as update:
+            trainer = Trainer(lm, update, encoded, pieces(lm, RETAIN, 64, all_tokens=True),
+                              "masked_ga", params)  # fmt: skip
+            trainer._loss_terms(encoded)["loss"].backward()
     finally:
         handle.remove()
     # Gradient reaching the head at each position that predicts a next token: [B, T-1].
     grad = seen[0].grad.abs().sum(-1)[:, :-1]
-    batch = _collate(pieces, 0, lm.device)
+    batch = collate(encoded, 0, lm.device)
     assert batch.targets.any() and not batch.targets.all()
     assert torch.all(grad[~batch.targets] == 0)
     assert torch.all(grad[batch.targets] > 0)
@@ -59,15 +62,15 @@ def test_masked_ga_puts_no_gradient_outside_the_spans():
 def test_target_only_head_gives_the_full_models_nll(family):
     lm = tiny_model(family)
     params = UnlearnParams(scope="dense")
-    pieces = _pieces(lm, FORGET, 64, all_tokens=False)
-    batch = _collate(pieces, 0, lm.device)
+    encoded = pieces(lm, FORGET, 64, all_tokens=False)
+    batch = collate(encoded, 0, lm.device)
     with torch.no_grad():
         full = lm.model(input_ids=batch.ids, attention_mask=batch.attention).logits[:, :-1]
         expected = torch.nn.functional.cross_entropy(
             full[batch.targets].float(), batch.ids[:, 1:][batch.targets], reduction="none"
         )
-        with _trainable(lm, _module_names(lm, params), params) as trainable:
-            trainer = _Trainer(lm, trainable, pieces, pieces, "masked_ga", params)
+        with trainable(lm, module_names(lm, params), params) as update:
+            trainer = Trainer(lm, update, encoded, encoded, "masked_ga", params)
             got = trainer._target_nll(batch)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -105,13 +108,13 @@ def test_lora_delta_is_exactly_the_adapter(family):
     """The stored low-rank delta, merged into the base, gives the adapter model's own outputs."""
     lm = tiny_model(family)
     params = UnlearnParams(lora_rank=4, layers=[1])
-    names = _module_names(lm, params)
-    with _trainable(lm, names, params) as trainable:
+    names = module_names(lm, params)
+    with trainable(lm, names, params) as update:
         with torch.no_grad():
-            for p in trainable.parameters:
+            for p in update.parameters:
                 p.normal_(0, 0.2)  # B starts at zero: make the adapter do something
         with_adapter = logits(lm)
-        updates = trainable.updates()
+        updates = update.updates()
     with applied(lm.model, [Delta(updates)]):
         merged = logits(lm)
     assert not torch.allclose(with_adapter, logits(lm), atol=1e-4)
@@ -153,12 +156,12 @@ def test_same_seed_same_delta_other_seed_other_delta():
 
 def test_modules_layers_and_input_errors():
     lm = tiny_model("llama")
-    names = _module_names(lm, UnlearnParams(modules=["mlp_out", "q_proj"], layers=[1]))
+    names = module_names(lm, UnlearnParams(modules=["mlp_out", "q_proj"], layers=[1]))
     assert names == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
     with pytest.raises(InputError, match="no linear module named 'nope'"):
-        _module_names(lm, UnlearnParams(modules=["nope"]))
+        module_names(lm, UnlearnParams(modules=["nope"]))
     with pytest.raises(InputError, match="out of range"):
-        _module_names(lm, UnlearnParams(layers=[99]))
+        module_names(lm, UnlearnParams(layers=[99]))
     unmarked = [Document("a perfectly fine sentence", ())]
     with pytest.raises(InputError, match="no harmful token"):
         unlearn(lm, unmarked, RETAIN, "masked_ga", UnlearnParams(steps=1))
