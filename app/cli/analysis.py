@@ -13,6 +13,7 @@ from rich.table import Table
 
 from app.cli.output import fail_on_bad_input, print_json, stage_progress, stdout
 from app.ml.errors import InputError
+from app.ml.text_files import parse_json, read_text_file
 from app.settings import Settings, get_settings
 
 ModelOpt = Annotated[
@@ -146,14 +147,7 @@ def run_perplexity(
 def read_texts(path: Path) -> list[str]:
     """Texts of a .txt (paragraphs split by blank lines), .json (list of strings) or .jsonl
     (objects with "text") file."""
-    try:
-        content = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    content = read_text_file(path)
     if path.suffix == ".json":
         texts = _json_texts(path, content)
     elif path.suffix == ".jsonl":
@@ -166,10 +160,7 @@ def read_texts(path: Path) -> list[str]:
 
 
 def _json_texts(path: Path, content: str) -> list[str]:
-    try:
-        data = json.loads(content)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    data = parse_json(content, str(path))
     if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
         raise InputError(f"{path}: must be a JSON list of strings")
     return [text for text in data if text.strip()]

@@ -48,6 +48,7 @@ import torch
 from app.ml.errors import InputError
 from app.ml.models import LoadedModel
 from app.ml.perplexity import encode_text, token_logprobs
+from app.ml.text_files import parse_json, read_text_file
 
 PACKAGED_PAIRS = "data/crows_pairs_anonymized.csv"
 REQUIRED = ("sent_more", "sent_less", "bias_type")
@@ -88,16 +89,7 @@ def load_pairs(path: str | Path | None = None) -> list[BiasPair]:
         text = resources.files("app.ml").joinpath(PACKAGED_PAIRS).read_text("utf-8")
         return parse_pairs(text, source="packaged CrowS-Pairs")
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # tolerate a byte order mark
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not a file") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    text = read_text_file(path)
     return parse_pairs(text, source=str(path))
 
 
@@ -141,10 +133,7 @@ def _csv_rows(text: str, source: str) -> list[BiasPair]:
 
 
 def _json_list(text: str, source: str) -> list[BiasPair]:
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{source}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    records = parse_json(text, source)
     if not isinstance(records, list):
         raise InputError(f"{source}: must be a JSON list of pairs")
     return [_pair(record, f"{source}: item {n}") for n, record in enumerate(records)]

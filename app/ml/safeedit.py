@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app.ml.errors import InputError
+from app.ml.text_files import parse_json, read_text_file
 
 
 class _Record(BaseModel):
@@ -64,16 +65,7 @@ def parse_instance(data: object, *, where: str = "instance") -> SafeEditInstance
 def load_instances(path: str | Path) -> list[SafeEditInstance]:
     """Read a JSON list or JSON Lines file (or a single JSON object) of SafeEdit instances."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # tolerate a byte order mark
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not a file") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    text = read_text_file(path)
     if not text.strip():
         raise InputError(f"{path}: the file is empty")
     records = _json_records(path, text)
@@ -95,10 +87,7 @@ def find_case(instances: list[SafeEditInstance], case_id: str) -> SafeEditInstan
 def _json_records(path: Path, text: str) -> list[tuple[str, object]]:
     stripped = text.lstrip()
     if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        data = parse_json(text, str(path))
         return [(f"{path}: item {n}", item) for n, item in enumerate(data)]
     if stripped.startswith("{") and "\n" in stripped.strip():
         # One object spread over several lines (pretty-printed) is one instance, not JSON Lines.
