@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from functools import partial
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
@@ -75,56 +76,50 @@ class OpenAIHandlers:
     # -- /v1/completions and /v1/chat/completions ------------------------------------------
 
     async def completion(self, request: CompletionRequest) -> Completion | AsyncIterator[str]:
-        start = time.perf_counter()
-        route, target, ids = await asyncio.to_thread(
-            self._prepare, request, lambda: self.engine.encode_text(request.text())
-        )
-        params = request.to_sampling_params(
-            self.engine.token_budget(ids, request.requested_tokens())
-        )
-        rid, created = new_id("cmpl"), now()
-        served = self._watcher(route, rid, request.text(), start)
-        if request.stream:
-            events = await self._started(ids, target, params)
-            return self._completion_stream(request, rid, created, target, served(events))
-        result = await self.engine.complete(ids, target, params)
-        served.finished(result)
-        return Completion(
-            id=rid,
-            created=created,
-            model=target.name,
-            choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
-            usage=Usage.of(result.prompt_tokens, result.completion_tokens),
-        )
+        def respond(rid: str, created: int, target: Target, result: Finished) -> Completion:
+            return Completion(
+                id=rid,
+                created=created,
+                model=target.name,
+                choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
+                usage=Usage.of(result.prompt_tokens, result.completion_tokens),
+            )
+
+        text = request.text()
+        encode = partial(self.engine.encode_text, text)
+        return await self._serve(request, encode, text, "cmpl", self._completion_stream, respond)
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[str]:
+        def respond(rid: str, created: int, target: Target, result: Finished) -> ChatCompletion:
+            message = AssistantMessage(content=result.text)
+            return ChatCompletion(
+                id=rid,
+                created=created,
+                model=target.name,
+                choices=[ChatChoice(message=message, finish_reason=result.finish_reason)],
+                usage=Usage.of(result.prompt_tokens, result.completion_tokens),
+            )
+
+        encode = partial(self.engine.encode_chat, request.plain_messages())
+        prompt = request.last_user_text()
+        return await self._serve(request, encode, prompt, "chatcmpl", self._chat_stream, respond)
+
+    async def _serve(self, request, encode, prompt: str, id_prefix: str, stream, respond):
+        """Both endpoints' steps: route and resolve the model, tokenise, then stream the events
+        (`stream`) or wait for the whole result (`respond`); a watched route hears of it."""
         start = time.perf_counter()
-        messages = request.plain_messages()
-        route, target, ids = await asyncio.to_thread(
-            self._prepare, request, lambda: self.engine.encode_chat(messages)
-        )
+        route, target, ids = await asyncio.to_thread(self._prepare, request, encode)
         params = request.to_sampling_params(
             self.engine.token_budget(ids, request.requested_tokens())
         )
-        rid, created = new_id("chatcmpl"), now()
-        served = self._watcher(route, rid, request.last_user_text(), start)
+        rid, created = new_id(id_prefix), now()
+        served = self._watcher(route, rid, prompt, start)
         if request.stream:
             events = await self._started(ids, target, params)
-            return self._chat_stream(request, rid, created, target, served(events))
+            return stream(request, rid, created, target, served(events))
         result = await self.engine.complete(ids, target, params)
         served.finished(result)
-        return ChatCompletion(
-            id=rid,
-            created=created,
-            model=target.name,
-            choices=[
-                ChatChoice(
-                    message=AssistantMessage(content=result.text),
-                    finish_reason=result.finish_reason,
-                )
-            ],
-            usage=Usage.of(result.prompt_tokens, result.completion_tokens),
-        )
+        return respond(rid, created, target, result)
 
     def _prepare(
         self, request: CompletionRequest | ChatCompletionRequest, encode: Callable[[], list[int]]
@@ -161,18 +156,16 @@ class OpenAIHandlers:
             raise
         return _prepended(first, events)
 
-    async def _completion_stream(self, request, rid, created, target, events):
+    def _completion_stream(self, request, rid, created, target, events) -> AsyncIterator[str]:
         def chunk(text: str, finish: str | None, usage: Usage | None = None) -> Completion:
             choices = [CompletionChoice(text=text, finish_reason=finish)] if usage is None else []
             return Completion(
                 id=rid, created=created, model=target.name, choices=choices, usage=usage
             )
 
-        async with aclosing(self._events(request, events, chunk)) as lines:
-            async for line in lines:
-                yield line
+        return self._events(request, events, chunk)
 
-    async def _chat_stream(self, request, rid, created, target, events):
+    def _chat_stream(self, request, rid, created, target, events) -> AsyncIterator[str]:
         first = True
 
         def chunk(text: str, finish: str | None, usage: Usage | None = None):
@@ -188,9 +181,7 @@ class OpenAIHandlers:
                 id=rid, created=created, model=target.name, choices=choices, usage=usage
             )
 
-        async with aclosing(self._events(request, events, chunk)) as lines:
-            async for line in lines:
-                yield line
+        return self._events(request, events, chunk)
 
     async def _events(self, request, events, chunk) -> AsyncIterator[str]:
         # aclosing: when the client goes away, the engine's stream is closed at once, which
