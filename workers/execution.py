@@ -61,45 +61,41 @@ def execute_job(
 ) -> str:
     """Run the job `job_id` if it can be claimed; returns the outcome (see the module docstring)."""
     with job_context(job_id):
-        return _claim_and_run(job_id, session_factory, runtime, settings, worker_name)
+        job = _claim(job_id, session_factory, settings, worker_name)
+        if job is None:
+            log.info("job %s: not claimable (finished, cancelled or taken); skipped", job_id)
+            return "skipped"
+        log.info("job %s: attempt %d on %s", job_id, job.attempts, worker_name)
+        start = time.perf_counter()
+        monitor = JobMonitor(
+            session_factory,
+            job_id,
+            job.attempts,
+            heartbeat_s=settings.job_heartbeat_timeout_s / 4,
+            time_limit_s=settings.job_soft_time_limit_s,
+        )
+        try:
+            with monitor:
+                outcome = _run(job, monitor, session_factory, runtime, settings)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("job %s: transient error, giving the claim back: %s", job_id, exc)
+            _release(session_factory, job_id, job.attempts)
+            raise
+        log.info("job %s: %s in %.2f s", job_id, outcome, time.perf_counter() - start)
+        return outcome
 
 
-def _claim_and_run(
-    job_id: str,
-    session_factory: sessionmaker[Session],
-    runtime: Runtime,
-    settings: Settings,
-    worker_name: str,
-) -> str:
+def _claim(
+    job_id: str, session_factory: sessionmaker[Session], settings: Settings, worker_name: str
+) -> Job | None:
     with session_factory() as session:
-        job = crud.claim_job(
+        return crud.claim_job(
             session=session,
             job_id=job_id,
             worker=worker_name,
             steal_after=timedelta(seconds=settings.job_heartbeat_timeout_s),
             max_attempts=settings.job_max_attempts,
         )
-    if job is None:
-        log.info("job %s: not claimable (finished, cancelled or taken); skipped", job_id)
-        return "skipped"
-    log.info("job %s: attempt %d on %s", job_id, job.attempts, worker_name)
-    start = time.perf_counter()
-    monitor = JobMonitor(
-        session_factory,
-        job_id,
-        job.attempts,
-        heartbeat_s=settings.job_heartbeat_timeout_s / 4,
-        time_limit_s=settings.job_soft_time_limit_s,
-    )
-    try:
-        with monitor:
-            outcome = _run(job, monitor, session_factory, runtime, settings)
-    except TRANSIENT_ERRORS as exc:
-        log.warning("job %s: transient error, giving the claim back: %s", job_id, exc)
-        _release(session_factory, job_id, job.attempts)
-        raise
-    log.info("job %s: %s in %.2f s", job_id, outcome, time.perf_counter() - start)
-    return outcome
 
 
 def _run(
