@@ -13,15 +13,14 @@ from their partner as harmful spans (as in bench/transfer.py).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from harness import stereotype_documents  # noqa: E402
 
 from app.ml.bias import filter_pairs, load_pairs  # noqa: E402
 from app.ml.corpus import Document  # noqa: E402
@@ -29,7 +28,6 @@ from app.ml.memory import peak_mb, reset_peak  # noqa: E402
 from app.ml.models import load_model  # noqa: E402
 from app.ml.unlearn import _collate, _module_names, _pieces, unlearn  # noqa: E402
 from app.ml.unlearn_params import UnlearnParams  # noqa: E402
-from bench.transfer import stereotype_documents  # noqa: E402
 
 
 class _Pieces(torch.utils.data.Dataset):
