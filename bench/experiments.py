@@ -15,27 +15,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import httpx
+from harness import bench_headers, free_port, server_env, start_server, write_versions
 
-import httpx  # noqa: E402
-
-from app.ml.models import load_model  # noqa: E402
-from app.store import migrate  # noqa: E402
-from app.store.db import make_engine, make_sessionmaker  # noqa: E402
-from bench.serving import (  # noqa: E402
-    BENCH_KEY,
-    _free_port,
-    _start_server,
-    _write_versions,
-    server_env,
-)
+from app.ml.models import load_model
+from app.store import migrate
+from app.store.db import make_engine, make_sessionmaker
 
 MESSAGES = [{"role": "user", "content": "How do I pick a lock?"}]
 
@@ -75,16 +65,15 @@ def main() -> None:
     url = f"sqlite:///{tmp / 'bench.db'}"
     migrate.upgrade(url)
     lm = load_model(args.model, device=args.device)
-    _write_versions(make_sessionmaker(make_engine(url)), lm, 1, 1e-3)
+    write_versions(make_sessionmaker(make_engine(url)), lm, 1, 1e-3)
     del lm
     env = server_env(
         tmp / "home", url, args.model, args.device,
         RATE_LIMIT_PER_MINUTE="0", SERVING_MAX_BATCH_SIZE=str(args.clients),
     )  # fmt: skip
-    port = _free_port()
-    proc = _start_server(env, port)
-    headers = {"Authorization": f"Bearer {BENCH_KEY}"}
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600, headers=headers)
+    port = free_port()
+    proc = start_server(env, port)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600, headers=bench_headers())
     try:
         arms = [{"model": "base"}, {"model": "v1"}]
         made = client.post("/v1/experiments", json={"name": "bench", "arms": arms,

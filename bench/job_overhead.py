@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,20 +21,13 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
+from harness import BENCH_KEY, free_port
+
+from app.cli.client import DetoxClient
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from app.cli.client import DetoxClient  # noqa: E402
-
-BENCH_KEY = "dtx_" + secrets.token_urlsafe(32)  # this run's bootstrap admin key
 DETOX = [sys.executable, "-m", "app.cli"]
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _instance() -> dict:
@@ -72,7 +63,7 @@ def _seconds(job: dict, start: str, end: str) -> float:
 
 
 def measure(mode: str, env: dict, jobs: int) -> dict:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         **env,

@@ -14,29 +14,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import httpx
+import psutil
+from harness import bench_headers, free_port, server_env, start_server, write_versions
 
-import httpx  # noqa: E402
-import psutil  # noqa: E402
-
-from app.ml.models import load_model  # noqa: E402
-from app.store import migrate  # noqa: E402
-from app.store.db import make_engine, make_sessionmaker  # noqa: E402
-from bench.serving import (  # noqa: E402
-    BENCH_KEY,
-    _free_port,
-    _start_server,
-    _write_versions,
-    server_env,
-)
+from app.ml.models import load_model
+from app.store import migrate
+from app.store.db import make_engine, make_sessionmaker
 
 PROMPTS = [
     "Write a haiku about the sea.",
@@ -109,8 +99,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def make_keys(url: str, count: int) -> list[str]:
-    headers = {"Authorization": f"Bearer {BENCH_KEY}"}
-    with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+    with httpx.Client(base_url=url, headers=bench_headers(), timeout=30) as http:
         return [
             http.post("/v1/keys", json={"name": f"load-{i}", "role": "reader"}).json()["key"]
             for i in range(count)
@@ -135,14 +124,14 @@ def main() -> None:
     db = f"sqlite:///{tmp / 'load.db'}"
     migrate.upgrade(db)
     lm = load_model(args.model, device=args.device)
-    _write_versions(make_sessionmaker(make_engine(db)), lm, args.versions, 1e-3)
+    write_versions(make_sessionmaker(make_engine(db)), lm, args.versions, 1e-3)
     del lm
     env = server_env(tmp / "home", db, args.model, args.device, SERVING_PRELOAD="true")
     if args.max_pending is not None:
         env["DETOX_SERVING_MAX_PENDING"] = str(args.max_pending)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start_server(env, port)
+    proc = start_server(env, port)
     server = psutil.Process(proc.pid)
     models = ["base", *(f"v{i + 1}" for i in range(args.versions))]
     rows = []

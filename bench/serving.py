@@ -17,102 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import httpx
+import psutil
+import torch
+from harness import bench_headers, free_port, server_env, start_server, write_versions
 
-import httpx  # noqa: E402
-import psutil  # noqa: E402
-import torch  # noqa: E402
-
-from app.ml.deltas import Delta, DenseUpdate, fingerprint  # noqa: E402
-from app.ml.models import load_model  # noqa: E402
-from app.serving.engine import base_fingerprint  # noqa: E402
-from app.store import crud, migrate  # noqa: E402
-from app.store.db import make_engine, make_sessionmaker  # noqa: E402
+from app.ml.models import load_model
+from app.store import migrate
+from app.store.db import make_engine, make_sessionmaker
 
 PROMPT = "Write a short story about a lighthouse keeper."
-BENCH_KEY = "dtx_" + secrets.token_urlsafe(32)  # this run's bootstrap admin key
-
-
-def bench_headers() -> dict[str, str]:
-    return {"Authorization": f"Bearer {BENCH_KEY}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _write_versions(sessions, lm, count: int, scale: float) -> list[int]:
-    """Versions v1..v{count}; returns each one's delta size in bytes."""
-    fp = base_fingerprint(lm)
-    adapter = lm.adapter
-    params = dict(lm.model.named_parameters())
-    sizes = []
-    for i in range(count):
-        name = adapter.mlp_out_param_name(i % adapter.num_layers)
-        gen = torch.Generator().manual_seed(i)
-        value = torch.randn(*params[name].shape, generator=gen) * scale
-        blob = Delta({name: DenseUpdate(value)}, fingerprint(lm.model, [name])).to_bytes()
-        row = {"param": name, "encoding": "dense", "dtype": "float32",
-               "shape": list(value.shape), "blob": blob}  # fmt: skip
-        with sessions() as session:
-            job, _ = crud.create_job(session=session, kind="dinm", spec={"kind": "dinm"})
-            crud.claim_job(session=session, job_id=job.id, worker="bench")
-            crud.finish_job_succeeded(
-                session=session, job_id=job.id, version_name=f"v{i + 1}", base_model=lm.name,
-                base_fingerprint=fp, metrics={}, deltas=[row],
-            )  # fmt: skip
-        sizes.append(value.numel() * value.element_size())
-    return sizes
-
-
-def server_env(
-    home: Path, database_url: str, model: str, device: str, **settings: str
-) -> dict[str, str]:
-    """The environment of a benchmark's `detox api`: none of the caller's DETOX_ settings, the
-    given store, an in-memory broker, this run's admin key, and `settings` as more DETOX_
-    settings (`SERVING_MAX_TOKENS="32"` is DETOX_SERVING_MAX_TOKENS)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DETOX_")}
-    return env | {
-        "DETOX_HOME": str(home),
-        "DETOX_DATABASE_URL": database_url,
-        "DETOX_BROKER_URL": "memory://",
-        "DETOX_MODEL": model,
-        "DETOX_DEVICE": device,
-        "DETOX_ADMIN_KEY": BENCH_KEY,
-        **{f"DETOX_{name}": value for name, value in settings.items()},
-    }
-
-
-def _start_server(env: dict[str, str], port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("detox api exited")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise SystemExit("detox api did not come up in 120 s")
 
 
 def _stream(client: httpx.Client, model: str, tokens: int) -> tuple[float, float, int]:
@@ -175,7 +95,7 @@ def main() -> None:
     lm = load_model(args.model, device=args.device)
     print(f"model {args.model} on {lm.device} ({lm.dtype}); writing {args.versions} versions",
           file=sys.stderr)  # fmt: skip
-    sizes = _write_versions(sessions, lm, args.versions + 1, args.scale)
+    sizes = write_versions(sessions, lm, args.versions + 1, args.scale)
     env = server_env(
         tmp / "home", url, args.model, args.device,
         SERVING_CACHE_SIZE=str(max(8, args.versions + 4)),
@@ -184,8 +104,8 @@ def main() -> None:
         SERVING_MAX_TOKENS=str(args.tokens),
         RATE_LIMIT_PER_MINUTE="0",
     )  # fmt: skip
-    port = _free_port()
-    proc = _start_server(env, port)
+    port = free_port()
+    proc = start_server(env, port)
     server = psutil.Process(proc.pid)
     rows: list[tuple[str, str, str]] = []
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600, headers=bench_headers())

@@ -13,45 +13,17 @@ before and after. The table is printed whatever the outcome: the point is to mea
 from __future__ import annotations
 
 import argparse
-import difflib
 import random
-import re
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import stereotype_documents
 
-from app.ml.bias import BiasPair, bias_scores, filter_pairs, load_pairs  # noqa: E402
-from app.ml.corpus import Document  # noqa: E402
-from app.ml.deltas import applied  # noqa: E402
-from app.ml.perplexity import perplexity, reference_texts  # noqa: E402
+from app.ml.bias import BiasPair, bias_scores, filter_pairs, load_pairs
+from app.ml.deltas import applied
+from app.ml.perplexity import perplexity, reference_texts
 
-WORD = re.compile(r"\S+")
 TRANSFER_TYPES = ("race-color", "religion")
-
-
-def differing_spans(sentence: str, partner: str) -> tuple[tuple[int, int], ...]:
-    """Character spans of the words of `sentence` that its partner does not share."""
-    mine = [(m.start(), m.end(), m.group()) for m in WORD.finditer(sentence)]
-    theirs = [m.group() for m in WORD.finditer(partner)]
-    matcher = difflib.SequenceMatcher(a=[w for _, _, w in mine], b=theirs, autojunk=False)
-    spans = []
-    for tag, i1, i2, _, _ in matcher.get_opcodes():
-        if tag in ("replace", "delete") and i2 > i1:
-            spans.append((mine[i1][0], mine[i2 - 1][1]))
-    return tuple(spans)
-
-
-def stereotype_documents(pairs: list[BiasPair]) -> list[Document]:
-    """Each pair's stereotyping sentence, its differing words marked harmful."""
-    documents = []
-    for pair in pairs:
-        spans = differing_spans(pair.sent_more, pair.sent_less)
-        if spans:
-            documents.append(Document(pair.sent_more, spans))
-    return documents
 
 
 def split(pairs: list[BiasPair], held_out: float, seed: int) -> tuple[list, list]:

@@ -13,26 +13,23 @@ from their partner as harmful spans (as in bench/transfer.py).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from harness import stereotype_documents
+
+from app.ml.bias import filter_pairs, load_pairs
+from app.ml.corpus import Document
+from app.ml.memory import peak_mb, reset_peak
+from app.ml.models import load_model
+from app.ml.unlearn import unlearn
+from app.ml.unlearn_data import collate, pieces
+from app.ml.unlearn_params import UnlearnParams
+from app.ml.unlearn_scope import module_names
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from app.ml.bias import filter_pairs, load_pairs  # noqa: E402
-from app.ml.corpus import Document  # noqa: E402
-from app.ml.memory import peak_mb, reset_peak  # noqa: E402
-from app.ml.models import load_model  # noqa: E402
-from app.ml.unlearn import unlearn  # noqa: E402
-from app.ml.unlearn_data import collate as _collate  # noqa: E402
-from app.ml.unlearn_data import pieces as _pieces  # noqa: E402
-from app.ml.unlearn_params import UnlearnParams  # noqa: E402
-from app.ml.unlearn_scope import module_names as _module_names  # noqa: E402
-from bench.transfer import stereotype_documents  # noqa: E402
 
 
 class _Pieces(torch.utils.data.Dataset):
@@ -51,8 +48,8 @@ def trainer_run(lm, forget: list[Document], params: UnlearnParams) -> tuple[floa
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    names = _module_names(lm, params)
-    pieces = [p for p in _pieces(lm, forget, params.max_length, all_tokens=False) if any(p.harmful)]
+    names = module_names(lm, params)
+    encoded = [p for p in pieces(lm, forget, params.max_length, all_tokens=False) if any(p.harmful)]
     pad = lm.tokenizer.pad_token_id or 0
     tokens = [0]
 
@@ -66,8 +63,8 @@ def trainer_run(lm, forget: list[Document], params: UnlearnParams) -> tuple[floa
             loss = -(nll * mask).sum() / mask.sum().clamp(min=1)
             return (loss, None) if return_outputs else loss
 
-    def collate(items):  # the Trainer wants a mapping: the same batch as detox's own loop
-        batch = _collate(items, pad, lm.device)
+    def as_mapping(items):  # the Trainer wants a mapping: the same batch as detox's own loop
+        batch = collate(items, pad, lm.device)
         return {"input_ids": batch.ids, "attention_mask": batch.attention, "targets": batch.targets}
 
     torch.manual_seed(params.seed)
@@ -91,8 +88,8 @@ def trainer_run(lm, forget: list[Document], params: UnlearnParams) -> tuple[floa
     trainer = MaskedAscent(
         model=model,
         args=args,
-        train_dataset=_Pieces(pieces),
-        data_collator=collate,
+        train_dataset=_Pieces(encoded),
+        data_collator=as_mapping,
     )
     reset_peak(lm.device)
     start = time.perf_counter()

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from app.job_spec import EXAMPLE_INSTANCE as INSTANCE
 from app.job_spec import InvalidSpec, JobCreate, read_spec
+from tests.instances import safeedit_instance
 
 
 def test_a_stored_dinm_spec_reads_back_as_the_validated_request():
     request = JobCreate.model_validate(
-        {"kind": "dinm", "instance": INSTANCE, "params": {"preset": "paper", "steps": 3}}
+        {"kind": "dinm", "instance": safeedit_instance(), "params": {"preset": "paper", "steps": 3}}
     ).root
     stored = request.spec()
     assert read_spec("dinm", stored) == request
@@ -32,8 +32,9 @@ def test_a_stored_unlearn_spec_keeps_its_resolved_corpus_ids():
         ("retrain", {}, "unsupported_kind", "kind"),
         ("dinm", ["not", "an", "object"], "invalid_spec", None),
         ("dinm", {"kind": "eval"}, "invalid_spec", "kind"),
-        ("dinm", {"instance": INSTANCE, "params": {"lr": 5}}, "invalid_params", "params.lr"),
-        ("dinm", {"instance": INSTANCE, "name": "base"}, "invalid_version_name", "name"),
+        ("dinm", {"instance": safeedit_instance(), "params": {"lr": 5}}, "invalid_params",
+         "params.lr"),
+        ("dinm", {"instance": safeedit_instance(), "name": "base"}, "invalid_version_name", "name"),
         ("eval", {"suites": ["bias", "bias"]}, "invalid_suites", "suites"),
         ("unlearn", {"forget": ["x"], "retain": ["y"], "retain_corpus_id": "c"},
          "invalid_retain", "retain_corpus_id"),

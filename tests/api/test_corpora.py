@@ -27,7 +27,8 @@ from app.ml.unlearn_params import UnlearnParams
 from app.settings import Settings
 from app.store import crud
 from app.store.models import Corpus
-from tests.api.conftest import CASE, assert_error, queued_tasks
+from tests.api.conftest import assert_error, queued_tasks
+from tests.instances import safeedit_instance
 from tests.services import AUTH
 from tests.store import factories
 
@@ -381,7 +382,7 @@ UNLEARN = {"kind": "unlearn", "forget": ["x"]}
         (UNLEARN | {"params": {"learning_rate": 1}}, 422, "params.learning_rate", "not permitted"),
         (UNLEARN | {"params": {"layers": [1, 1]}}, 422, "params", "must not repeat"),
         (UNLEARN | {"name": "latest"}, 422, "name", "reserved"),
-        (UNLEARN | {"instance": CASE}, 422, "instance", "not permitted"),
+        (UNLEARN | {"instance": safeedit_instance()}, 422, "instance", "not permitted"),
         ({"kind": "unlearn", "corpus_id": "missing"}, 404, "corpus_id", "no corpus 'missing'"),
         (UNLEARN | {"retain_corpus_id": "gone"}, 404, "retain_corpus_id", "no corpus 'gone'"),
         (UNLEARN | {"parent": "nope"}, 404, "parent", "not a live version"),
@@ -424,8 +425,8 @@ def test_eval_of_a_version_resolves_latest_and_keeps_its_inputs(api, session):
         "kind": "eval",
         "model": "latest",
         "suites": ["perplexity", "safeedit", "bias"],
-        "params": {"limit": 5, "bias_types": ["gender", "race-color"], "instances": [CASE],
-                   "texts": ["Reference text."]},
+        "params": {"limit": 5, "bias_types": ["gender", "race-color"],
+                   "instances": [safeedit_instance()], "texts": ["Reference text."]},
     }  # fmt: skip
     response = api.post("/v1/jobs", json=body)
     assert response.status_code == 202, response.text
@@ -438,7 +439,8 @@ def test_eval_of_a_version_resolves_latest_and_keeps_its_inputs(api, session):
     assert spec["params"]["limit"] == 5 and spec["params"]["texts"] == ["Reference text."]
     assert spec["params"]["bias_types"] == ["gender", "race-color"]
     [instance] = spec["params"]["instances"]
-    assert instance["safe generation"] == CASE["safe generation"]  # dataset field names
+    # under the dataset field names
+    assert instance["safe generation"] == safeedit_instance()["safe generation"]
     named = api.post("/v1/jobs", json={"kind": "eval", "model": "old", "suites": ["bias"]})
     assert named.status_code == 202 and named.json()["parent"] == "old"
 
@@ -463,9 +465,9 @@ EVAL = {"kind": "eval"}
          "params.bias_types", "bias suite"),
         (EVAL | {"suites": ["bias"], "params": {"texts": ["t"]}}, 422, "params.texts",
          "perplexity suite"),
-        (EVAL | {"suites": ["bias"], "params": {"instances": [CASE]}}, 422, "params.instances",
-         "safeedit suite"),
-        (EVAL | {"params": {"instances": [{**CASE, "safe generation": ""}]}}, 422,
+        (EVAL | {"suites": ["bias"], "params": {"instances": [safeedit_instance()]}}, 422,
+         "params.instances", "safeedit suite"),
+        (EVAL | {"params": {"instances": [safeedit_instance(safe_generation="")]}}, 422,
          "params.instances[0].safe generation", "at least 1 character"),
         (EVAL | {"params": {"texts": ["ok", ""]}}, 422, "params.texts[1]", "at least 1"),
         (EVAL | {"params": {"seed": 1}}, 422, "params.seed", "not permitted"),

@@ -160,15 +160,16 @@ def test_ab_runs_every_arm_in_one_batch(client):
 def test_new_versions_are_served_without_restart_and_retired_ones_stop(client, store, lm):
     client.get("/v1/models")  # the engine is running
     store_version(store.sessions, lm, random_delta(lm, layer=3, seed=3), name="v3")
-    deadline = time.monotonic() + 2
+    # The engine re-reads the versions every 0.1 s; the 60 s only keep a broken poll from hanging.
+    deadline = time.monotonic() + 60
     while "v3" not in [c["id"] for c in client.get("/v1/models").json()["data"]]:
-        assert time.monotonic() < deadline, "v3 not listed within 2 s"
+        assert time.monotonic() < deadline, "v3 never listed"
         time.sleep(0.05)
     assert complete(client, model="v3", prompt="a", max_tokens=2)["model"] == "v3"
     with store.sessions() as session:
         crud.retire_version(session=session, name="v3")
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 60
     while "v3" in [c["id"] for c in client.get("/v1/models").json()["data"]]:
-        assert time.monotonic() < deadline, "v3 still listed 2 s after retiring"
+        assert time.monotonic() < deadline, "v3 still listed after retiring"
         time.sleep(0.05)
     assert_error(client.post("/v1/completions", json={"model": "v3", "prompt": "a"}), 404)

@@ -8,13 +8,8 @@ from fastapi.testclient import TestClient
 from app.api.main import create_app
 from app.ml.dinm_params import DEFAULT_PRESET, DinmParams
 from app.store import crud
-from tests.api.conftest import (
-    CASE,
-    assert_error,
-    closed_port,
-    dinm_body,
-    queued_tasks,
-)
+from tests.api.conftest import assert_error, closed_port, dinm_body, queued_tasks
+from tests.instances import safeedit_instance
 from tests.services import AUTH
 from tests.store import factories
 
@@ -35,7 +30,8 @@ def test_submit_answers_202_with_the_job_and_enqueues_it(api, session, redis_que
     assert job["created_at"] and job["started_at"] is None and job["finished_at"] is None
     assert queued_tasks(redis_queue) == 1
     spec = crud.get_job(session=session, job_id=job["id"]).spec
-    assert spec["instance"]["safe generation"] == CASE["safe generation"]  # dataset field names
+    # under the dataset field names
+    assert spec["instance"]["safe generation"] == safeedit_instance()["safe generation"]
     # Defaults filled in: the default preset's, with the explicit steps over it.
     assert spec["params"]["steps"] == 2 and spec["params"]["lr"] == DinmParams().lr
     assert spec["params"]["preset"] == DEFAULT_PRESET
@@ -132,12 +128,12 @@ def test_parent_version_and_latest(api, session):
         (dinm_body(params={"steps": "many"}), "params.steps", "integer"),
         (dinm_body(params={"learning_rate": 1}), "params.learning_rate", "not permitted"),
         (
-            dinm_body(instance={k: v for k, v in CASE.items() if k != "safe generation"}),
+            dinm_body(instance=safeedit_instance(without=["safe generation"])),
             "instance.safe generation",
             "required",
         ),
         (
-            dinm_body(instance=CASE | {"knowledge constrain": {"prompt": "x"}}),
+            dinm_body(instance=safeedit_instance(knowledge_constrain={"prompt": "x"})),
             "instance.knowledge constrain.answer",
             "required",
         ),

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.conftest import CASE, closed_port
+from tests.api.conftest import closed_port
 from tests.cli.servers import detox, running_api
+from tests.instances import CASE_ID, safeedit_instance
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def cases(tmp_path: Path) -> Path:
     path = tmp_path / "cases.json"
-    path.write_text(json.dumps([CASE]))
+    path.write_text(json.dumps([safeedit_instance()]))
     return path
 
 
@@ -43,7 +44,7 @@ def test_missing_version_is_one_line_and_nonzero(server):
 
 def test_submit_show_cancel_watch(server, cases):
     submitted = detox(
-        server, "jobs", "submit", cases, "--case", "c01", "--name", "cli-1",
+        server, "jobs", "submit", cases, "--case", CASE_ID, "--name", "cli-1",
         "--params", '{"steps": 2}', "--json",
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
@@ -61,7 +62,7 @@ def test_submit_show_cancel_watch(server, cases):
 
 
 def test_input_errors_exit_2_with_one_line(server, cases):
-    bad_lr = detox(server, "jobs", "submit", cases, "--case", "c01", "--params", '{"lr": 0}')
+    bad_lr = detox(server, "jobs", "submit", cases, "--case", CASE_ID, "--params", '{"lr": 0}')
     assert bad_lr.returncode == 2 and "params.lr" in bad_lr.stderr
     assert bad_lr.stderr.strip().count("\n") == 0
     bad_case = detox(server, "jobs", "submit", cases, "--case", "zz")

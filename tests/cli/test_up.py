@@ -14,8 +14,9 @@ import time
 import httpx
 import pytest
 
-from tests.api.conftest import CASE, closed_port
+from tests.api.conftest import closed_port
 from tests.cli.servers import ROOT, _env
+from tests.instances import CASE_ID, safeedit_instance
 
 
 def _alive(pid: int) -> bool:
@@ -61,11 +62,11 @@ def test_up_runs_a_job_and_stops_cleanly_on_sigterm(tmp_path, tiny_model_dir):
         key = printed[0]
         assert httpx.get(f"{url}/v1/versions", timeout=10).status_code == 401
         cases = tmp_path / "cases.json"
-        cases.write_text(json.dumps([CASE]))
+        cases.write_text(json.dumps([safeedit_instance()]))
         client_env = _env(DETOX_URL=url, DETOX_API_KEY=key)
         del client_env["DETOX_ADMIN_KEY"]
         done = subprocess.run(
-            [sys.executable, "-m", "app.cli", "jobs", "submit", cases, "--case", "c01",
+            [sys.executable, "-m", "app.cli", "jobs", "submit", cases, "--case", CASE_ID,
              "--params", '{"steps": 2}', "--watch", "--json"],
             cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip

@@ -24,8 +24,8 @@ import pytest
 
 from app.store import crud
 from app.store.db import make_engine, make_sessionmaker
-from tests.api.conftest import CASE
 from tests.faults.services import PrivatePostgres, PrivateRedis
+from tests.instances import safeedit_instance
 from tests.processes import Processes
 from tests.services import ADMIN_KEY, AUTH
 
@@ -34,7 +34,12 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def dinm(steps: int = 2, **extra: Any) -> dict[str, Any]:
-    return {"kind": "dinm", "parent": "base", "instance": CASE, "params": {"steps": steps}} | extra
+    return {
+        "kind": "dinm",
+        "parent": "base",
+        "instance": safeedit_instance(),
+        "params": {"steps": steps},
+    } | extra
 
 
 class Traffic:

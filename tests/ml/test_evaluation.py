@@ -22,6 +22,7 @@ from app.ml.evaluation import (
 from app.ml.judges import Verdict
 from app.ml.safeedit import SafeEditInstance, parse_instance
 from tests.factories import tiny_model
+from tests.instances import safeedit_instance
 
 
 def instance(case: str, *, full: bool = True) -> SafeEditInstance:
@@ -32,14 +33,15 @@ def instance(case: str, *, full: bool = True) -> SafeEditInstance:
         "test input of other questions and attack prompts": f"{case} other both",
     }
     return parse_instance(
-        {
-            "id": case,
-            "adversarial prompt": f"{case} adversarial",
-            "unsafe generation": "bad",
-            "safe generation": "good",
-            "knowledge constrain": {"prompt": f"{case} benign", "answer": "Paris is nice."},
-            "generalization test": general if full else {},
-        }
+        safeedit_instance(
+            without=["unsafety category", "question"],
+            id=case,
+            adversarial_prompt=f"{case} adversarial",
+            unsafe_generation="bad",
+            safe_generation="good",
+            knowledge_constrain={"prompt": f"{case} benign", "answer": "Paris is nice."},
+            generalization_test=general if full else {},
+        )
     )
 
 

@@ -36,22 +36,32 @@ def test_call_runs_on_the_compute_thread_and_returns_or_raises():
 
 
 def test_a_call_arriving_while_a_batch_fills_does_not_wait_for_the_batch():
-    started = threading.Event()
+    ran = threading.Event()
     batches: list[int] = []
-    batcher = Batcher(lambda batch: batches.append(len(batch)), max_batch_size=4, max_wait_s=5.0)
+
+    def run(batch):
+        batches.append(len(batch))
+        ran.set()
+
+    # The batch waits (for all practical purposes forever) for its 3 other requests, and they are
+    # sent only once the call has returned: a call that waited for the batch would never return.
+    batcher = Batcher(run, max_batch_size=4, max_wait_s=3600.0)
     try:
-        batcher.submit(request([]))  # the batch now waits up to 5 s for more requests
-        time.sleep(0.1)
-        t0 = time.monotonic()
-        batcher.call(started.set)
-        assert started.is_set() and time.monotonic() - t0 < 2.0
+        batcher.submit(request([]))  # queued first: the compute thread is filling its batch
+        seen: list[list[int]] = []
+        returned = threading.Event()
+
+        def caller():
+            batcher.call(lambda: seen.append(list(batches)))
+            returned.set()
+
+        threading.Thread(target=caller, daemon=True).start()
+        assert returned.wait(60), "the call waited for the filling batch"
+        assert seen == [[]]  # it ran before any batch
         for _ in range(3):
             batcher.submit(request([]))
-        deadline = time.monotonic() + 5
-        while not batches:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert batches == [4]
+        assert ran.wait(60), "the full batch never ran"
+        assert batches == [4]  # the call did not end the filling: one full batch
     finally:
         batcher.close()
 

@@ -16,7 +16,9 @@ from tests.serving.conftest import random_delta, store_version
 REDIS_URL = redis_url(9)
 
 
-def _eventually(predicate, timeout: float = 2.0) -> bool:
+def _eventually(predicate, timeout: float = 60.0) -> bool:
+    """Whether `predicate` comes true before `timeout`: a guard against hanging, far above the time
+    a notification takes (the engine below polls only once an hour)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

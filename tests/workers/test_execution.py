@@ -14,6 +14,7 @@ from app.ml.judges import load_judge
 from app.settings import Settings
 from app.store import crud
 from tests.factories import tiny_model
+from tests.instances import safeedit_instance
 from tests.workers.helpers import (
     chain_deltas,
     dinm_spec,
@@ -117,7 +118,11 @@ def test_stacked_versions_apply_as_a_chain_on_a_fresh_base(session_factory, run)
     [
         ({"params": {"lr": 5}}, "invalid_params", "params.lr"),
         ({"params": {"steps": 2, "bogus": 1}}, "invalid_params", "params.bogus"),
-        ({"instance": {"id": "x", "adversarial prompt": "hi"}}, "invalid_instance", None),
+        (
+            {"instance": safeedit_instance(without=["unsafe generation"])},
+            "invalid_instance",
+            "instance.unsafe generation",
+        ),
         ({"name": "latest"}, "invalid_version_name", "name"),
         ({"params": {"layer": 99}}, "invalid_input", None),
     ],

@@ -10,6 +10,7 @@ import torch
 from app.ml.deltas import apply_deltas
 from app.ml.models import load_model
 from app.store import crud
+from tests.instances import CASE_ID, safeedit_instance
 from tests.workers.conftest import MODES, Service
 from tests.workers.helpers import (
     chain_deltas,
@@ -50,7 +51,7 @@ def test_job_lifecycle_ends_with_a_version_whose_delta_applies(service: Service)
     assert job.attempts == 1 and job.worker.startswith("detox-") and job.progress == 1.0
     with service.sessions() as session:
         version = crud.get_version(session=session, name=f"life-{service.mode}")
-    assert version.job_id == job_id and version.metrics["case"] == "t1"
+    assert version.job_id == job_id and version.metrics["case"] == CASE_ID
     deltas = version_deltas(service.sessions, version.id)  # sha256 verified
     lm = load_model(str(service.model_dir), device="cpu")
     base = weights(lm.model)
@@ -74,7 +75,10 @@ def test_cancel_mid_job_ends_cancelled_without_a_version(service: Service):
     "spec, param",
     [
         ({"params": {"lr": 5}}, "params.lr"),
-        ({"instance": {"id": "x", "adversarial prompt": "hi"}}, "instance.unsafe generation"),
+        (
+            {"instance": safeedit_instance(without=["unsafe generation"])},
+            "instance.unsafe generation",
+        ),
     ],
 )
 def test_bad_input_fails_at_once(service: Service, spec, param):

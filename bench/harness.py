@@ -1,0 +1,129 @@
+"""What more than one benchmark script uses: this run's admin key, a free port, a `detox api`
+server on a temporary store with random versions, and the stereotype forget set.
+
+Not a script. The scripts import it as `from harness import ...` (a script's own folder is first
+on `sys.path` when it runs as `python bench/<script>.py`); `app` is the installed project.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+from app.ml.corpus import Document
+
+if TYPE_CHECKING:
+    from app.ml.bias import BiasPair
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_KEY = "dtx_" + secrets.token_urlsafe(32)  # this run's bootstrap admin key
+WORD = re.compile(r"\S+")
+
+
+def bench_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {BENCH_KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_versions(sessions, lm, count: int, scale: float) -> list[int]:
+    """Versions v1..v{count}; returns each one's delta size in bytes."""
+    import torch
+
+    from app.ml.deltas import Delta, DenseUpdate, fingerprint
+    from app.serving.engine import base_fingerprint
+    from app.store import crud
+
+    fp = base_fingerprint(lm)
+    adapter = lm.adapter
+    params = dict(lm.model.named_parameters())
+    sizes = []
+    for i in range(count):
+        name = adapter.mlp_out_param_name(i % adapter.num_layers)
+        gen = torch.Generator().manual_seed(i)
+        value = torch.randn(*params[name].shape, generator=gen) * scale
+        blob = Delta({name: DenseUpdate(value)}, fingerprint(lm.model, [name])).to_bytes()
+        row = {"param": name, "encoding": "dense", "dtype": "float32",
+               "shape": list(value.shape), "blob": blob}  # fmt: skip
+        with sessions() as session:
+            job, _ = crud.create_job(session=session, kind="dinm", spec={"kind": "dinm"})
+            crud.claim_job(session=session, job_id=job.id, worker="bench")
+            crud.finish_job_succeeded(
+                session=session, job_id=job.id, version_name=f"v{i + 1}", base_model=lm.name,
+                base_fingerprint=fp, metrics={}, deltas=[row],
+            )  # fmt: skip
+        sizes.append(value.numel() * value.element_size())
+    return sizes
+
+
+def server_env(
+    home: Path, database_url: str, model: str, device: str, **settings: str
+) -> dict[str, str]:
+    """The environment of a benchmark's `detox api`: none of the caller's DETOX_ settings, the
+    given store, an in-memory broker, this run's admin key, and `settings` as more DETOX_
+    settings (`SERVING_MAX_TOKENS="32"` is DETOX_SERVING_MAX_TOKENS)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DETOX_")}
+    return env | {
+        "DETOX_HOME": str(home),
+        "DETOX_DATABASE_URL": database_url,
+        "DETOX_BROKER_URL": "memory://",
+        "DETOX_MODEL": model,
+        "DETOX_DEVICE": device,
+        "DETOX_ADMIN_KEY": BENCH_KEY,
+        **{f"DETOX_{name}": value for name, value in settings.items()},
+    }
+
+
+def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("detox api exited")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit("detox api did not come up in 120 s")
+
+
+def differing_spans(sentence: str, partner: str) -> tuple[tuple[int, int], ...]:
+    """Character spans of the words of `sentence` that its partner does not share."""
+    mine = [(m.start(), m.end(), m.group()) for m in WORD.finditer(sentence)]
+    theirs = [m.group() for m in WORD.finditer(partner)]
+    matcher = difflib.SequenceMatcher(a=[w for _, _, w in mine], b=theirs, autojunk=False)
+    spans = []
+    for tag, i1, i2, _, _ in matcher.get_opcodes():
+        if tag in ("replace", "delete") and i2 > i1:
+            spans.append((mine[i1][0], mine[i2 - 1][1]))
+    return tuple(spans)
+
+
+def stereotype_documents(pairs: list[BiasPair]) -> list[Document]:
+    """Each pair's stereotyping sentence, its differing words marked harmful."""
+    documents = []
+    for pair in pairs:
+        spans = differing_spans(pair.sent_more, pair.sent_less)
+        if spans:
+            documents.append(Document(pair.sent_more, spans))
+    return documents
