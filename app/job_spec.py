@@ -41,6 +41,7 @@ BiasType = Literal[
     "religion", "sexual-orientation", "socioeconomic",
 ]  # fmt: skip
 MAX_INLINE_DOCUMENTS = 10_000  # larger sets: upload a corpus and pass its id
+MAX_INSTANCES = 64  # SafeEdit instances of one DINM job (each is edited in turn)
 
 EXAMPLE_INSTANCE: dict[str, Any] = {
     "id": "c01",
@@ -155,7 +156,8 @@ def _version_name(name: str | None) -> str | None:
 
 
 class DinmJobCreate(BaseModel):
-    """A DINM edit job: one SafeEdit instance, optional parameters, the version to edit."""
+    """A DINM edit job: one SafeEdit instance (`instance`) or several (`instances`: one version
+    from all of them), optional parameters, the version to edit."""
 
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"examples": [JOB_EXAMPLES["dinm"]["value"]]}
@@ -168,15 +170,37 @@ class DinmJobCreate(BaseModel):
     name: str | None = Field(
         None, description="a unique name for the new version (default v{N})", examples=["v7"]
     )
-    instance: SafeEditInstance = Field(description="a SafeEdit instance (its own field names)")
+    instance: SafeEditInstance | None = Field(
+        None, description="a SafeEdit instance (its own field names); or give `instances`"
+    )
+    instances: list[SafeEditInstance] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_INSTANCES,
+        description="several SafeEdit instances, edited in turn into one version; or `instance`",
+    )
     params: DinmParams = Field(default_factory=DinmParams, description="DINM hyper-parameters")
 
     _valid_name = field_validator("name")(_version_name)
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_of_instance_or_instances(cls, data: Any, handler: Any) -> DinmJobCreate:
+        job = handler(data)
+        if job.instance is None and job.instances is None:
+            raise _field_error(("instance",), "give a SafeEdit instance, or instances", data)
+        if job.instance is not None and job.instances is not None:
+            raise _field_error(("instances",), "give either instance or instances, not both", data)
+        return job
+
+    def all_instances(self) -> list[SafeEditInstance]:
+        return [self.instance] if self.instance is not None else list(self.instances or [])
+
     def spec(self) -> dict[str, Any]:
-        """What the worker gets (stored on the job): this body as JSON, the instance under its
+        """What the worker gets (stored on the job): this body as JSON, the instances under their
         dataset field names, every DINM parameter filled in."""
-        return self.model_dump(mode="json", by_alias=True)
+        unused = "instances" if self.instance is not None else "instance"
+        return self.model_dump(mode="json", by_alias=True, exclude={unused})
 
 
 class UnlearnJobCreate(BaseModel):
@@ -354,6 +378,7 @@ class InvalidSpec(Exception):
 _CODE_OF_FIELD = {
     "kind": "unsupported_kind",
     "instance": "invalid_instance",
+    "instances": "invalid_instance",
     "params": "invalid_params",
     "name": "invalid_version_name",
     "method": "invalid_method",

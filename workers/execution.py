@@ -185,7 +185,7 @@ def _edit(
     with _materialised(job, monitor, session_factory, runtime):
         if isinstance(spec, DinmJobCreate):
             result, report = dinm_with_report(
-                lm, spec.instance, spec.params, judge=runtime.judge,
+                lm, spec.all_instances(), spec.params, judge=runtime.judge,
                 max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size,
                 progress=monitor.progress, should_cancel=monitor.should_cancel,
             )  # fmt: skip

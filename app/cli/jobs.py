@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from app.cli.client import ApiError, DetoxClient, Unreachable
+from app.cli.options import AllCasesOpt, CaseOpt
 from app.cli.output import (
     console,
     fail_on_api_error,
@@ -19,7 +20,7 @@ from app.cli.output import (
     print_json,
     stdout,
 )
-from app.ml.safeedit import find_case, load_instances
+from app.ml.safeedit import load_instances, select_cases
 from app.settings import get_settings
 
 app = typer.Typer(help="Edit jobs on a detox server (at DETOX_URL).", no_args_is_help=True)
@@ -37,7 +38,8 @@ def client() -> DetoxClient:
 @app.command()
 def submit(
     file: Annotated[Path, typer.Argument(help="SafeEdit instances (JSON list or JSON Lines)")],
-    case: Annotated[str, typer.Option("--case", help="id of the instance to edit on")],
+    case: CaseOpt = None,
+    every: AllCasesOpt = False,
     parent: Annotated[str, typer.Option(help='"base", a version name or "latest"')] = "base",
     name: Annotated[str | None, typer.Option(help="name of the new version")] = None,
     params: Annotated[str | None, typer.Option(help="DINM params as a JSON object")] = None,
@@ -47,15 +49,15 @@ def submit(
     watch: Annotated[bool, typer.Option("--watch", help="follow the job to its end")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Submit a DINM edit of one instance of FILE; prints the queued job."""
+    """Submit a DINM edit of instances of FILE (one version from all); prints the queued job."""
     with fail_on_bad_input():
-        instance = find_case(load_instances(file), case)
-        body: dict[str, Any] = {
-            "kind": "dinm",
-            "parent": parent,
-            "instance": instance.model_dump(mode="json", by_alias=True),
-            "params": parse_params_json(params),
-        }
+        chosen = [
+            instance.model_dump(mode="json", by_alias=True)
+            for instance in select_cases(load_instances(file), case, every=every)
+        ]
+        body: dict[str, Any] = {"kind": "dinm", "parent": parent}
+        body |= {"instance": chosen[0]} if len(chosen) == 1 else {"instances": chosen}
+        body["params"] = parse_params_json(params)
         if name is not None:
             body["name"] = name
     with fail_on_api_error(), client() as api:

@@ -17,7 +17,7 @@ from app.ml.evaluation import evaluate
 from app.ml.judges import load_judge
 from app.ml.models import LoadedModel, load_model
 from app.ml.pipeline import dinm_with_report, unlearn_with_report
-from app.ml.safeedit import find_case, load_instances
+from app.ml.safeedit import load_instances, select_cases
 from app.ml.unlearn_params import METHODS, UnlearnParams
 from app.settings import Settings
 
@@ -40,7 +40,8 @@ def run_dinm(
     settings: Settings,
     *,
     file: Path,
-    case: str,
+    cases: list[str] | None,
+    every: bool,
     out: Path | None,
     model: str,
     judge: str,
@@ -48,14 +49,14 @@ def run_dinm(
     max_new_tokens: int,
     quiet: bool,
 ) -> dict:
-    instance = find_case(load_instances(file), case)
+    instances = select_cases(load_instances(file), cases, every=every)
     dinm_params = DinmParams.parse(params)
     the_judge = load_judge(judge)
     lm = _load(settings, model, quiet=quiet)
     with stage_progress(quiet=quiet) as progress:
         result, report = dinm_with_report(
             lm,
-            instance,
+            instances,
             dinm_params,
             judge=the_judge,
             max_new_tokens=max_new_tokens,
@@ -153,7 +154,10 @@ def _fmt(value: object) -> str:
 
 def print_dinm_report(report: dict, out: Path | None) -> None:
     before, after = report["metrics"]["before"], report["metrics"]["after"]
-    table = Table(title=f"DINM on case {report['case']} (layer {report['layer']})")
+    title = f"DINM on case {report['case']} (layer {report['layer']})"
+    if "cases" in report:
+        title = f"DINM on cases {', '.join(report['cases'])} (layers {report['layers']})"
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")

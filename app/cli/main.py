@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from app.cli import analysis, corpora, experiments, generation, jobs, keys, service, versions
+from app.cli.options import AllCasesOpt, CaseOpt
 from app.cli.output import fail_on_bad_input, parse_params_json, print_json
 from app.settings import get_settings
 
@@ -35,7 +36,8 @@ TokensOpt = Annotated[int | None, typer.Option(help="new tokens per evaluated an
 @app.command()
 def dinm(
     file: Annotated[Path, typer.Argument(help="SafeEdit instances (JSON list or JSON Lines)")],
-    case: Annotated[str, typer.Option("--case", help="id of the instance to edit on")],
+    case: CaseOpt = None,
+    every: AllCasesOpt = False,
     out: Annotated[
         Path | None, typer.Option(help="folder for delta.safetensors + report.json")
     ] = None,
@@ -54,7 +56,8 @@ def dinm(
     max_new_tokens: TokensOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """One DINM edit on one instance, with SafeEdit metrics before and after."""
+    """One DINM edit from one instance (or several: one delta), with SafeEdit metrics before and
+    after."""
     from app.cli import local
 
     settings = get_settings()
@@ -65,7 +68,8 @@ def dinm(
         report = local.run_dinm(
             settings,
             file=file,
-            case=case,
+            cases=case,
+            every=every,
             out=out,
             model=model or settings.model,
             judge=judge or settings.judge,

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from app.ml.deltas import Delta, DenseUpdate, fingerprint
+from app.ml.deltas import Delta, DenseUpdate, applied, fingerprint
 from app.ml.dinm_objective import (
     AnswerGroup,
     DinmObjective,
@@ -42,7 +42,7 @@ from app.ml.dinm_objective import (
     harmful_retain_set,
 )
 from app.ml.dinm_params import DinmParams
-from app.ml.errors import EditCancelled
+from app.ml.errors import EditCancelled, InputError
 from app.ml.models import LoadedModel
 from app.ml.null_space import benign_directions
 from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
@@ -155,6 +155,53 @@ def dinm_edit(
     delta = Delta(updates, base_fingerprint, {"model": lm.name, "method": "dinm"})
     seconds = time.perf_counter() - start
     return DinmResult(delta, layers[0], distances, losses, seconds, data.warnings, layers)
+
+
+def dinm_edit_many(
+    lm: LoadedModel,
+    instances: list[SafeEditInstance],
+    params: DinmParams | None = None,
+    *,
+    progress: Progress | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> DinmResult:
+    """One delta from several instances: each is edited in turn on the model with the earlier
+    instances' deltas merged in, and the deltas are summed (so the result, applied to the base,
+    is the whole stack). One instance is exactly `dinm_edit`."""
+    if not instances:
+        raise InputError("no instances to edit on")
+    if len(instances) == 1:
+        return dinm_edit(lm, instances[0], params, progress=progress, should_cancel=should_cancel)
+    report = progress or (lambda _stage, _fraction: None)
+    start = time.perf_counter()
+    results: list[DinmResult] = []
+    report("locate", 0.0)
+    report("locate", 1.0)  # each instance locates its own layers: a tenth of its share of "tune"
+    for index, instance in enumerate(instances):
+
+        def scaled(stage: str, fraction: float, index: int = index) -> None:
+            within = 0.1 * fraction if stage == "locate" else 0.1 + 0.9 * fraction
+            report("tune", (index + within) / len(instances))
+
+        with applied(lm.model, [r.delta for r in results], check_fingerprint=False):
+            results.append(
+                dinm_edit(lm, instance, params, progress=scaled, should_cancel=should_cancel)
+            )
+    return _stacked(lm, results, time.perf_counter() - start)
+
+
+def _stacked(lm: LoadedModel, results: list[DinmResult], seconds: float) -> DinmResult:
+    total = sum((r.delta for r in results[1:]), results[0].delta)
+    # Each delta was fingerprinted on the model with its predecessors merged in; the sum applies
+    # to the base, whose fingerprint (the model is back to it now) is what the stack records.
+    delta = Delta(total.updates, fingerprint(lm.model, total.params), dict(results[0].delta.meta))
+    layers = sorted({layer for r in results for layer in r.layers})
+    warnings = [
+        f"instance {index}: {warning}" for index, r in enumerate(results) for warning in r.warnings
+    ]
+    losses = [loss for r in results for loss in r.losses]
+    first = results[0]
+    return DinmResult(delta, first.layer, first.distances, losses, seconds, warnings, layers)
 
 
 def _edited_layers(

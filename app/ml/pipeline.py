@@ -11,7 +11,7 @@ import torch
 from app.ml.bias import BiasPair, bias_scores
 from app.ml.corpus import Document
 from app.ml.deltas import applied
-from app.ml.dinm import CancelCheck, DinmParams, DinmResult, Progress, dinm_edit
+from app.ml.dinm import CancelCheck, DinmParams, DinmResult, Progress, dinm_edit_many
 from app.ml.dinm_objective import benign_retain_set
 from app.ml.evaluation import Evaluation, compare, evaluate, knowledge_logprobs, locality
 from app.ml.judges import Judge
@@ -25,7 +25,7 @@ from app.ml.unlearn_params import UnlearnParams
 
 def dinm_with_report(
     lm: LoadedModel,
-    instance: SafeEditInstance,
+    instances: list[SafeEditInstance],
     params: DinmParams,
     *,
     judge: Judge,
@@ -34,31 +34,33 @@ def dinm_with_report(
     progress: Progress | None = None,
     should_cancel: CancelCheck | None = None,
 ) -> tuple[DinmResult, dict]:
-    """Evaluate, edit, evaluate with the delta applied; the model is left as it was."""
+    """Evaluate, edit (one delta from every instance), evaluate with the delta applied; the model
+    is left as it was. The report's `case` is the first instance's, `cases` lists them all."""
     report_stage = progress or (lambda _stage, _fraction: None)
 
     def measure(stage: str) -> tuple[Evaluation, list[torch.Tensor]]:
         """SafeEdit answers and knowledge-constraint log-probs of the model as it is now."""
         evaluation = evaluate(
             lm,
-            [instance],
+            instances,
             judge=judge,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             progress=lambda fraction: report_stage(stage, fraction),
         )
-        return evaluation, knowledge_logprobs(lm, [instance])
+        return evaluation, knowledge_logprobs(lm, instances)
 
     reset_peak(lm.device)
     before, pre = measure("eval-before")
-    result = dinm_edit(lm, instance, params, progress=progress, should_cancel=should_cancel)
+    result = dinm_edit_many(lm, instances, params, progress=progress, should_cancel=should_cancel)
     with applied(lm.model, [result.delta]):
         after, post = measure("eval-after")
     comparison = compare(before, after)
     comparison["metrics"]["after"].update(locality(pre, post))
     report = {
-        "case": instance.id,
-        "category": instance.category,
+        "case": instances[0].id,
+        "category": instances[0].category,
+        **({"cases": [i.id for i in instances]} if len(instances) > 1 else {}),
         "model": lm.name,
         "layer": result.layer,
         "layers": result.layers,

@@ -76,6 +76,21 @@ def load_instances(path: str | Path) -> list[SafeEditInstance]:
     return instances
 
 
+def select_cases(
+    instances: list[SafeEditInstance], case_ids: list[str] | None, *, every: bool = False
+) -> list[SafeEditInstance]:
+    """The instances named by `case_ids` (in that order), or all of them with `every`."""
+    if every and case_ids:
+        raise InputError("give either --case or --all, not both")
+    if every:
+        return list(instances)
+    if not case_ids:
+        raise InputError("give the instance to edit on: --case ID (repeatable) or --all")
+    if len(set(case_ids)) != len(case_ids):
+        raise InputError("a case is named twice")
+    return [find_case(instances, case_id) for case_id in case_ids]
+
+
 def find_case(instances: list[SafeEditInstance], case_id: str) -> SafeEditInstance:
     for instance in instances:
         if instance.id == str(case_id):

@@ -39,6 +39,15 @@ def test_submit_answers_202_with_the_job_and_enqueues_it(api, session, redis_que
     assert api.get(f"/v1/jobs/{job['id']}").json() == job
 
 
+def test_a_job_of_several_instances_is_accepted_and_stores_them_all(api, session, redis_queue):
+    body = dinm_body(instances=[safeedit_instance(), safeedit_instance(id="t2")])
+    del body["instance"]
+    response = api.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    spec = crud.get_job(session=session, job_id=response.json()["id"]).spec
+    assert [i["id"] for i in spec["instances"]] == ["t1", "t2"] and "instance" not in spec
+
+
 def test_idempotency_key_returns_the_same_job(api, session, redis_queue):
     headers = {"Idempotency-Key": "retry-me"}
     first = api.post("/v1/jobs", json=dinm_body(), headers=headers)
@@ -143,6 +152,13 @@ def test_parent_version_and_latest(api, session):
         (dinm_body(name="base"), "name", "reserved"),
         (dinm_body(name="bad name!"), "name", "invalid version name"),
         (dinm_body(extra=1), "extra", "not permitted"),
+        (dinm_body(instances=[safeedit_instance()]), "instances", "not both"),
+        ({"kind": "dinm", "instances": []}, "instances", "at least 1"),
+        (
+            {"kind": "dinm", "instances": [safeedit_instance(), {"id": "t2"}]},
+            "instances[1].adversarial prompt",
+            "required",
+        ),
     ],
 )
 def test_invalid_jobs_are_422_naming_the_field(api, session, body, param, words):

@@ -61,6 +61,17 @@ def test_submit_show_cancel_watch(server, cases):
     assert table.returncode == 0 and job["id"][:8] in table.stdout
 
 
+def test_submit_of_several_cases_or_all_sends_one_job(server, tmp_path):
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps([safeedit_instance(), safeedit_instance(id="t2")]))
+    for choice in (["--case", "t2", "--case", CASE_ID], ["--all"]):
+        submitted = detox(server, "jobs", "submit", path, *choice, "--json")
+        assert submitted.returncode == 0, submitted.stderr
+        assert json.loads(submitted.stdout)["status"] == "queued"
+    neither = detox(server, "jobs", "submit", path)
+    assert neither.returncode == 2 and "--case ID (repeatable) or --all" in neither.stderr
+
+
 def test_input_errors_exit_2_with_one_line(server, cases):
     bad_lr = detox(server, "jobs", "submit", cases, "--case", CASE_ID, "--params", '{"lr": 0}')
     assert bad_lr.returncode == 2 and "params.lr" in bad_lr.stderr

@@ -56,6 +56,22 @@ def test_dinm_json_report_and_outputs(model_dir, cases, tmp_path):
     )
 
 
+def test_dinm_on_several_cases_or_all_makes_one_delta(model_dir, tmp_path):
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps([safeedit_instance(), safeedit_instance(id="t2")]))
+    for choice in (["--case", "t2", "--case", CASE_ID], ["--all"]):
+        code, stdout, stderr = run("dinm", path, *choice, "--model", model_dir, "--json", *FAST)
+        assert code == 0, stderr
+        report = json.loads(stdout)
+        assert report["cases"] == (["t2", CASE_ID] if "--case" in choice else [CASE_ID, "t2"])
+        assert len(report["losses"]) == 4  # two steps per instance
+    for choice, message in (([], "--case ID (repeatable) or --all"),
+                            (["--all", "--case", "t2"], "not both"),
+                            (["--case", "t2", "--case", "t2"], "named twice")):  # fmt: skip
+        code, stdout, stderr = run("dinm", path, *choice, "--model", model_dir, *FAST)
+        assert code == 2 and stdout == "" and message in stderr
+
+
 def test_eval_applies_a_written_delta(model_dir, cases, tmp_path):
     out = tmp_path / "out"
     code, _, _ = run(
