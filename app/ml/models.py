@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from app.ml.arch import ModelAdapter
 from app.ml.deltas import fingerprint
-from app.ml.demo import demo_model_dir
+from app.ml.demo import default_cache_dir, demo_model_dir
 from app.ml.errors import InputError
 from app.ml.gguf import read_gguf
 
@@ -33,6 +33,9 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     name: str
+    # Where values derived from the weights are kept between processes (`app.ml.disk_cache`);
+    # None: nowhere.
+    cache_dir: Path | None = None
     adapter: ModelAdapter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -114,7 +117,8 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     _ensure_pad_token(tokenizer)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=source)
+    derived = (cache_dir or default_cache_dir()) / "derived"
+    return LoadedModel(model=model, tokenizer=tokenizer, name=source, cache_dir=derived)
 
 
 def _read_folder(source: Path | str, dtype: torch.dtype):

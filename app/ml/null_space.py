@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from app.ml.disk_cache import content_key, load_tensor, save_tensor
 from app.ml.models import LoadedModel
 from app.ml.prompts import PromptAnswer, right_padded
 from app.ml.runners import run_layers
@@ -94,11 +95,34 @@ def benign_directions(
     Cached under the weights its inputs depend on: everything but that projection and the layers
     above it (so an edit of them, applied and reverted, keeps the cache)."""
     module = lm.adapter.mlp_out(layer)
-    key = weights_key(lm.model, [module, *list(lm.adapter.layers)[layer + 1 :]])
+    independent = [module, *list(lm.adapter.layers)[layer + 1 :]]
+    key = weights_key(lm.model, independent)
     prompts = tuple(ids_key(pair.input_ids) for pair in pairs)
 
     def compute() -> torch.Tensor:
-        inputs = benign_inputs(lm, module, pairs)
-        return benign_basis(inputs, energy).float().to(lm.device)
+        if lm.cache_dir is None:
+            return benign_basis(benign_inputs(lm, module, pairs), energy).float().to(lm.device)
+        facts = {"value": "benign-basis", "layer": layer, "energy": energy, "prompts": prompts,
+                 "device": lm.device.type, "dtype": str(lm.dtype)}  # fmt: skip
+        disk_key = content_key(lm.model, independent, **facts)
+        kept = load_tensor(lm.cache_dir, disk_key)
+        if kept is not None and _fits(kept, lm, module):
+            return kept.to(lm.device)
+        basis = benign_basis(benign_inputs(lm, module, pairs), energy).float()
+        save_tensor(lm.cache_dir, disk_key, basis)
+        return basis.to(lm.device)
 
     return _BASES.get(lm.model, key, (layer, energy, str(lm.device), hash(prompts)), compute)
+
+
+def _fits(basis: torch.Tensor, lm: LoadedModel, module: nn.Module) -> bool:
+    """Whether a kept basis can be one of `module`'s: [d_in, k], finite, float32."""
+    weight = module.weight
+    d_in = weight.shape[0] if lm.adapter.spec.transposed else weight.shape[1]
+    return (
+        basis.dtype == torch.float32
+        and basis.ndim == 2
+        and basis.shape[0] == d_in
+        and 0 < basis.shape[1] <= d_in
+        and bool(torch.isfinite(basis).all())
+    )

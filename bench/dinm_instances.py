@@ -1,0 +1,81 @@
+"""Benchmark: one DINM edit from N SafeEdit instances (edited in turn into one delta): edit time
+and peak memory against N, on the packaged cases (app/ml/data/safeedit_cases.json).
+
+Model load and evaluation are excluded. Each N runs in its own child process, so its peak memory
+is its own and its first instance pays what a fresh worker pays (the null-space basis, the retain
+recordings); `warm s/instance` is the mean over the instances after the first.
+
+    .venv/bin/python bench/dinm_instances.py                  # N = 1, 4, 16, all; default preset
+    .venv/bin/python bench/dinm_instances.py --n 1 --n 4 --preset paper
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ROOT / "app" / "ml" / "data" / "safeedit_cases.json"
+
+
+def child(n: int, preset: str | None) -> None:
+    import transformers
+
+    from app.ml.dinm import dinm_edit_many
+    from app.ml.dinm_params import DinmParams
+    from app.ml.memory import peak_mb, reset_peak
+    from app.ml.models import load_model
+    from app.ml.safeedit import load_instances
+
+    transformers.utils.logging.set_verbosity_error()
+    lm = load_model("demo")
+    cases = load_instances(CASES)
+    instances = cases[:n] if n > 0 else cases
+    params = DinmParams.parse({"preset": preset} if preset else {})
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def progress(stage: str, fraction: float) -> None:
+        # The stack reports "tune" in N equal shares; a share's end is an instance's end.
+        if stage == "tune" and fraction * len(instances) >= len(times) + 1 - 1e-9:
+            now = time.perf_counter()
+            times.append(now - last[0])
+            last[0] = now
+
+    reset_peak(lm.device)
+    result = dinm_edit_many(lm, instances, params, progress=progress)
+    warm = times[1:]
+    print(json.dumps({
+        "n": len(instances), "edit_s": result.edit_seconds, "first_s": times[0],
+        "warm_s": sum(warm) / len(warm) if warm else None, "peak_mb": peak_mb(lm.device),
+        "layers": result.layers, "params": len(result.delta.params),
+    }))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, action="append", help="instances (0: all); repeatable")
+    parser.add_argument("--preset", default=None, help="DINM preset (default: the default one)")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        return child(args.child, args.preset)
+    print(f"DINM from N instances, demo model, preset {args.preset or 'default'}")
+    print(f"{'N':>3} {'edit s':>8} {'first s':>8} {'warm s/inst':>11} {'peak MB':>8}  layers")
+    for n in args.n or [1, 4, 16, 0]:
+        command = [sys.executable, __file__, "--child", str(n)]
+        if args.preset:
+            command += ["--preset", args.preset]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        warm = "-" if row["warm_s"] is None else f"{row['warm_s']:.2f}"
+        print(f"{row['n']:>3} {row['edit_s']:>8.1f} {row['first_s']:>8.1f} {warm:>11} "
+              f"{row['peak_mb']:>8.0f}  {row['layers']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
