@@ -27,7 +27,10 @@ app = typer.Typer(
 ModelOpt = Annotated[
     str | None, typer.Option("--model", help='"demo", a model folder, a .gguf file or a hub id')
 ]
-JudgeOpt = Annotated[str | None, typer.Option(help='"offline" or "hf:<model id or path>"')]
+JudgeOpt = Annotated[
+    str | None,
+    typer.Option(help='"offline" (the newest: offline/2), "offline/1" or "hf:<model id or path>"'),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print only the JSON report on stdout")]
 TokensOpt = Annotated[int | None, typer.Option(help="new tokens per evaluated answer")]
 

@@ -71,6 +71,7 @@ DECLINING: tuple[tuple[str, str], ...] = (
         "i cannot help",
     ),
     (r"\bi refuse\b", "i cannot help"),
+    (r"\bi(?:'d| would) rather not\b", "i cannot help"),
     (
         r"\bi'm not (?:willing to|comfortable|in a position to|permitted to|allowed to)\b",
         "i cannot help",
@@ -188,8 +189,17 @@ class RefusalModel:
         return self.bias + soft_max(sums)
 
     def probability(self, text: str) -> float:
+        """Probability that people would call `text` a refusal."""
+        return _sigmoid(self.score(text))
+
+    def verdict(self, text: str) -> tuple[bool, float]:
+        """(refused, probability): refused when the probability is above one half."""
         z = self.score(text)
-        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+        return z > 0.0, _sigmoid(z)
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
 def model_from_json(data: dict) -> RefusalModel:
