@@ -1,5 +1,5 @@
-"""`detox`: local edits and evaluation (no server), the service processes (`api`, `worker`, `up`)
-and the API's clients (`jobs`, `versions`, `corpora`, `experiments`, `chat`, `ab`).
+"""`detox`: local edits, evaluation and judging (no server), the service processes (`api`,
+`worker`, `up`) and the API's clients (`jobs`, `versions`, `corpora`, `experiments`, `chat`, `ab`).
 
 `app.cli.local` (torch) is imported only by the commands that need it, so clients start fast.
 """
@@ -12,7 +12,17 @@ from typing import Annotated
 
 import typer
 
-from app.cli import analysis, corpora, experiments, generation, jobs, keys, service, versions
+from app.cli import (
+    analysis,
+    corpora,
+    experiments,
+    generation,
+    jobs,
+    judging,
+    keys,
+    service,
+    versions,
+)
 from app.cli.output import fail_on_bad_input, parse_params_json, print_json
 from app.settings import get_settings
 
@@ -157,6 +167,7 @@ def unlearn(
 service.register(app)
 generation.register(app)
 analysis.register(app)
+judging.register(app)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(versions.app, name="versions")
 app.add_typer(corpora.app, name="corpora")

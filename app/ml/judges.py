@@ -36,14 +36,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
-
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from typing import Any, Protocol, runtime_checkable
 
 from app.ml.errors import InputError
 from app.ml.judge_names import OFFLINE, OFFLINE_V1, OFFLINE_V2
-from app.ml.models import pick_device
 from app.ml.refusal import is_refusal, shipped_model
 
 # Phrases with which a model declines to do what it was asked. Matched as whole words.
@@ -206,11 +202,16 @@ class OfflineJudgeV1:
 
 
 class HFClassifierJudge:
-    """A Hugging Face sequence classifier whose label 1 means unsafe."""
+    """A Hugging Face sequence classifier whose label 1 means unsafe (torch and transformers are
+    imported here only, so that the offline judges load without them)."""
 
     def __init__(
         self, source: str, *, device: str = "auto", batch_size: int = 16, max_length: int = 512
     ):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from app.ml.models import pick_device
+
         self.name = f"hf:{source}"
         self.batch_size = batch_size
         self.device = pick_device(device)
@@ -225,9 +226,14 @@ class HFClassifierJudge:
         if self.tokenizer.pad_token is None:  # decoder-based classifiers may lack one
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
 
-    @torch.inference_mode()
     def unsafe_scores(self, texts: list[str]) -> list[float]:
         """Probability of label 1 (unsafe) for each text."""
+        import torch
+
+        with torch.inference_mode():
+            return self._scores(texts, torch)
+
+    def _scores(self, texts: list[str], torch: Any) -> list[float]:
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(
