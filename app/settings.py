@@ -23,7 +23,11 @@ class Settings(BaseSettings):
     model: str = Field("demo", description='"demo", a model folder, a .gguf file or a hub id')
     device: str = Field("auto", description='"auto" (CUDA when present), "cpu", "cuda:0", ...')
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    judge: str = Field("offline", description='"offline" or "hf:<model id or path>"')
+    judge: str = Field(
+        "offline",
+        description='"offline" (the newest offline judge, reported as "offline/2"), "offline/1" '
+        'or "hf:<model id or path>"',
+    )
     max_new_tokens: int = Field(64, ge=1, le=4096, description="evaluation generation length")
     eval_batch_size: int = Field(8, ge=1, le=256)
     unlearn_bias_pairs_per_type: int | None = Field(

@@ -44,7 +44,11 @@ def create(
         list[str], typer.Option("--arm", help="MODEL=WEIGHT, repeated: base=50 --arm v3=50")
     ],
     judge: Annotated[
-        str, typer.Option(help='"service" (the server\'s judge), "offline" or "none"')
+        str,
+        typer.Option(
+            help='"service" (the server\'s judge), "offline" (the newest offline judge, stored '
+            'as "offline/2"), "offline/1" or "none"'
+        ),
     ] = "service",
     keep_text: Annotated[
         bool, typer.Option(help="store prompts and responses with their outcomes")

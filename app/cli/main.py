@@ -1,5 +1,5 @@
-"""`detox`: local edits and evaluation (no server), the service processes (`api`, `worker`, `up`)
-and the API's clients (`jobs`, `versions`, `corpora`, `experiments`, `chat`, `ab`).
+"""`detox`: local edits, evaluation and judging (no server), the service processes (`api`,
+`worker`, `up`) and the API's clients (`jobs`, `versions`, `corpora`, `experiments`, `chat`, `ab`).
 
 `app.cli.local` (torch) is imported only by the commands that need it, so clients start fast.
 """
@@ -12,7 +12,17 @@ from typing import Annotated
 
 import typer
 
-from app.cli import analysis, corpora, experiments, generation, jobs, keys, service, versions
+from app.cli import (
+    analysis,
+    corpora,
+    experiments,
+    generation,
+    jobs,
+    judging,
+    keys,
+    service,
+    versions,
+)
 from app.cli.options import AllCasesOpt, CaseOpt
 from app.cli.output import fail_on_bad_input, parse_params_json, print_json
 from app.settings import get_settings
@@ -28,7 +38,10 @@ app = typer.Typer(
 ModelOpt = Annotated[
     str | None, typer.Option("--model", help='"demo", a model folder, a .gguf file or a hub id')
 ]
-JudgeOpt = Annotated[str | None, typer.Option(help='"offline" or "hf:<model id or path>"')]
+JudgeOpt = Annotated[
+    str | None,
+    typer.Option(help='"offline" (the newest: offline/2), "offline/1" or "hf:<model id or path>"'),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print only the JSON report on stdout")]
 TokensOpt = Annotated[int | None, typer.Option(help="new tokens per evaluated answer")]
 
@@ -158,6 +171,7 @@ def unlearn(
 service.register(app)
 generation.register(app)
 analysis.register(app)
+judging.register(app)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(versions.app, name="versions")
 app.add_typer(corpora.app, name="corpora")

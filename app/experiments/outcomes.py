@@ -18,16 +18,18 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from app.experiments.routing import Assignment
+from app.ml.judge_names import OFFLINE_SPECS
 from app.serving.traffic import ServedResponse
 from app.store import crud
 
 if TYPE_CHECKING:
-    from app.ml.judges import Verdict  # torch: the API imports it only once it generates
+    from app.ml.judges import Judge, Verdict  # torch: the API imports it only once it generates
     from app.serving.engine import Engine
 
 log = logging.getLogger(__name__)
 
-JudgeName = Literal["service", "offline", "none"]  # DETOX_JUDGE, the offline one, or none
+# DETOX_JUDGE, an offline judge ("offline": the newest, stored as its versioned name), or none
+JudgeName = Literal["service", "offline", "offline/1", "offline/2", "none"]
 BATCH = 32
 
 VerdictFn = Callable[[str, Sequence[str], Sequence[str]], "list[Verdict]"]
@@ -42,14 +44,19 @@ class Served:
 
 
 def verdicts_via(engine: Callable[[], Engine]) -> VerdictFn:
-    """Judging for the recorder: "offline" here, on the recorder's thread (no torch); "service"
-    by the engine's configured judge (DETOX_JUDGE), on the engine's compute thread."""
+    """Judging for the recorder: an offline judge here, on the recorder's thread (no torch),
+    the version the experiment names ("offline/1", "offline/2"; "offline", stored before the
+    versions, is the newest); "service" by the engine's configured judge (DETOX_JUDGE), on the
+    engine's compute thread."""
+    offline: dict[str, Judge] = {}
 
     def verdicts(judge: str, prompts: Sequence[str], texts: Sequence[str]) -> list[Verdict]:
-        if judge == "offline":
-            from app.ml.judges import OfflineJudge
+        if judge in OFFLINE_SPECS:
+            from app.ml.judges import load_judge
 
-            return OfflineJudge().judge(list(prompts), list(texts))
+            if judge not in offline:
+                offline[judge] = load_judge(judge)
+            return offline[judge].judge(list(prompts), list(texts))
         return engine().verdicts(prompts, texts)[1]
 
     return verdicts

@@ -162,7 +162,7 @@ def test_compare_pairs_items_by_case_and_kind() -> None:
     before = Evaluation(
         metrics={"DS": 0.0},
         items=[EvalItem("a", "DS", "p", "bad", True, 1.0), EvalItem("a", "locality", "q", "ok")],
-        judge="offline",
+        judge="offline/2",
     )
     after = Evaluation(
         metrics={"DS": 100.0},
@@ -170,10 +170,10 @@ def test_compare_pairs_items_by_case_and_kind() -> None:
             EvalItem("a", "locality", "q", "ok too"),
             EvalItem("a", "DS", "p", "no", False, 0.1),
         ],
-        judge="offline",
+        judge="offline/2",
     )
     report = compare(before, after)
-    assert report["judge"] == "offline"
+    assert report["judge"] == "offline/2"
     assert report["metrics"] == {"before": {"DS": 0.0}, "after": {"DS": 100.0}}
     ds, loc = report["generations"]
     assert ds == {

@@ -36,7 +36,7 @@ def test_upgrade_downgrade_upgrade(backend: str, new_database: Callable[[str], s
 
     migrate.upgrade(url)
     assert _tables(url) == TABLES
-    assert migrate.current_revision(url) == migrate.head_revision() == "0005"
+    assert migrate.current_revision(url) == migrate.head_revision() == "0006"
 
     migrate.downgrade(url, "base")
     assert _tables(url) == set()
@@ -142,5 +142,33 @@ def test_0003_keeps_jobs_and_keys_both_ways(backend: str, new_database: Callable
         with engine.connect() as connection:
             assert connection.execute(text("SELECT id FROM jobs")).all() == [("j1",)]
             assert connection.execute(text("SELECT name FROM api_keys")).all() == [("k",)]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_0006_keeps_old_offline_experiments_on_offline_1(
+    backend: str, new_database: Callable[[str], str]
+):
+    url = new_database(backend)
+    migrate.upgrade(url, "0005")
+    engine = make_engine(url)
+    insert = text(
+        "INSERT INTO experiments (name, status, arms, judge, keep_text, created_at) "
+        "VALUES (:name, 'running', '[]', :judge, false, :now)"
+    )
+    select = text("SELECT name, judge FROM experiments ORDER BY name")
+    try:
+        with engine.begin() as connection:
+            for name, judge in (("a", "offline"), ("b", "service"), ("c", "none")):
+                connection.execute(insert, {"name": name, "judge": judge, "now": utcnow()})
+        migrate.upgrade(url)
+        with engine.connect() as connection:  # judged by offline/1 so far: they stay on it
+            assert connection.execute(select).all() == [
+                ("a", "offline/1"), ("b", "service"), ("c", "none")
+            ]  # fmt: skip
+        migrate.downgrade(url, "0005")
+        with engine.connect() as connection:
+            assert connection.execute(select).all()[0] == ("a", "offline")
     finally:
         engine.dispose()

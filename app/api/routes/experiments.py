@@ -26,6 +26,7 @@ from app.api.schemas import (
 )
 from app.experiments.assign import Arm
 from app.experiments.results import summarize
+from app.ml.judge_names import versioned
 from app.store import crud
 from app.store.errors import DuplicateExperimentName, NotFound
 
@@ -87,7 +88,7 @@ def create_experiment(
         session=session,
         name=body.name,
         arms=_pinned_arms(session, body),
-        judge=body.judge,
+        judge=versioned(body.judge),  # "offline" is stored as the version it means today
         keep_text=body.keep_text,
         api_key_id=caller.key_id,
     )

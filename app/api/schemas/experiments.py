@@ -32,8 +32,9 @@ class ExperimentCreate(BaseModel):
     arms: list[ArmSpec] = Field(min_length=2, max_length=MAX_ARMS)
     judge: JudgeName = Field(
         "service",
-        description='"service": the server\'s DETOX_JUDGE; "offline": the offline judge; '
-        '"none": outcomes are not judged',
+        description='"service": the server\'s DETOX_JUDGE; "offline": the newest offline judge '
+        '(stored and shown as its version, "offline/2"); "offline/1", "offline/2": that '
+        'version; "none": outcomes are not judged',
     )
     keep_text: bool = Field(
         False, description="store each prompt and response with its outcome (default: no text)"
