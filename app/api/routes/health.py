@@ -1,4 +1,5 @@
-"""/healthz (the process answers) and /readyz (database, broker and model are usable)."""
+"""/healthz (the process answers) and /readyz (database, broker and model are usable; under
+`detox up` also its worker process)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def readyz(request: Request, settings: SettingsDep, broker: BrokerDep) -> JSONRe
         "broker": _check(lambda: broker.ping(BROKER_TIMEOUT_S), "reachable"),
         "model": model_check(settings),
     }
+    worker_check = getattr(request.app.state, "worker_check", None)
+    if worker_check is not None:  # `detox up`: its own worker, restarted when it dies
+        checks["worker"] = worker_check()
     body = {name: check.model_dump() for name, check in checks.items()}
     failed = [name for name, check in checks.items() if not check.ok]
     if not failed:
