@@ -14,7 +14,7 @@ from sqlalchemy.exc import TimeoutError as TimeoutError_  # the connection pool 
 from starlette.exceptions import HTTPException
 
 from app.store import errors as store_errors
-from app.validation import field_path, problem_message
+from app.validation import field_path, first_problem, problem_message
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _status_type(status: int) -> str:
 
 async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
-    first = errors[0] if errors else {}
+    first = first_problem(errors)
     param = field_path(first.get("loc", ()))
     if first.get("type") == "json_invalid":
         param = None

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.serving.sampling import SamplingParams
+from app.validation import UnicodeStr, valid_unicode_texts
 
 MAX_STOPS = 4
 
@@ -32,10 +33,10 @@ def now() -> int:
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(
+    model: UnicodeStr = Field(
         description='"base", a version name, "latest", or "exp:<name>" (an experiment picks)'
     )
-    user: str | None = Field(
+    user: UnicodeStr | None = Field(
         None, max_length=256, description="who asks; in an experiment, the same user, the same arm"
     )
     max_tokens: int | None = Field(
@@ -60,6 +61,7 @@ class _Request(BaseModel):
     @classmethod
     def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
+        valid_unicode_texts(stops)
         if len(stops) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop sequences")
         if any(not s for s in stops):
@@ -98,7 +100,7 @@ class CompletionRequest(_Request):
     def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("exactly one prompt is supported")
-        return value
+        return valid_unicode_texts(value)
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -106,7 +108,7 @@ class CompletionRequest(_Request):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: UnicodeStr
 
 
 class ChatMessage(BaseModel):
@@ -114,6 +116,11 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _valid_unicode(cls, value: str | list[TextPart]) -> str | list[TextPart]:
+        return valid_unicode_texts(value)  # the parts' texts check themselves
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -225,9 +232,9 @@ class ModelList(BaseModel):
 class AbRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = None
+    prompt: UnicodeStr | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    arms: list[str] = Field(min_length=1, max_length=16, description='e.g. ["base", "v3"]')
+    arms: list[UnicodeStr] = Field(min_length=1, max_length=16, description='e.g. ["base", "v3"]')
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
     temperature: float = Field(0.0, ge=0, le=2, description="0 (greedy) by default")
     top_p: float = Field(1.0, gt=0, le=1)
