@@ -108,6 +108,7 @@ _STORE_ERRORS: dict[type[Exception], tuple[int, str, str]] = {
     store_errors.NotFound: (404, NOT_FOUND, "not_found"),
     store_errors.DuplicateVersionName: (409, CONFLICT, "duplicate_version_name"),
     store_errors.VersionHasChildren: (409, CONFLICT, "version_has_children"),
+    store_errors.VersionInExperiment: (409, CONFLICT, "version_in_experiment"),
     store_errors.InvalidCursor: (400, INVALID_REQUEST, "invalid_cursor"),
     store_errors.InvalidVersionName: (422, INVALID_REQUEST, "invalid_version_name"),
     store_errors.InvalidCorpusName: (422, INVALID_REQUEST, "invalid_corpus_name"),
