@@ -21,6 +21,7 @@ from app.ml.perplexity import perplexity, reference_texts
 from app.ml.safeedit import SafeEditInstance
 from app.ml.unlearn import UnlearnResult, unlearn
 from app.ml.unlearn_params import UnlearnParams
+from app.ml.unlearn_scope import module_names
 
 
 def dinm_with_report(
@@ -49,6 +50,8 @@ def dinm_with_report(
         )
         return evaluation, knowledge_logprobs(lm, [instance])
 
+    if params.layer is not None:  # a layer it does not have: fail before the evaluation
+        lm.adapter.check_layer(params.layer)
     reset_peak(lm.device)
     before, pre = measure("eval-before")
     result = dinm_edit(lm, instance, params, progress=progress, should_cancel=should_cancel)
@@ -111,6 +114,7 @@ def unlearn_with_report(
         report_stage(stage, 1.0)
         return measured
 
+    module_names(lm, params)  # layers or modules it does not have: fail before the evaluation
     reset_peak(lm.device)
     before = measure("eval-before")
     retain = list(retain) if retain else default_retain()
