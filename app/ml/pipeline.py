@@ -40,6 +40,7 @@ def dinm_with_report(
 
     def measure(stage: str) -> tuple[Evaluation, list[torch.Tensor]]:
         """SafeEdit answers and knowledge-constraint log-probs of the model as it is now."""
+        report_stage(stage, 0.0)  # the stage shows from its start, not after its first batch
         evaluation = evaluate(
             lm,
             [instance],
@@ -86,6 +87,9 @@ def default_retain() -> list[Document]:
     return [Document(f"{prompt}\n{answer}") for prompt, answer in benign_retain_set()]
 
 
+_PERPLEXITY_SHARE = 0.2  # of an unlearning job's evaluation stage, before the bias scores
+
+
 def unlearn_with_report(
     lm: LoadedModel,
     forget: Sequence[Document],
@@ -105,11 +109,17 @@ def unlearn_with_report(
 
     def measure(stage: str) -> dict[str, Any]:
         report_stage(stage, 0.0)
-        measured: dict[str, Any] = {"perplexity": perplexity(lm, texts, batch_size=batch_size)}
+        split = _PERPLEXITY_SHARE if bias_pairs else 1.0  # of the stage, the rest: bias scores
+        measured: dict[str, Any] = {
+            "perplexity": perplexity(
+                lm, texts, batch_size=batch_size,
+                progress=lambda fraction: report_stage(stage, split * fraction),
+            )
+        }  # fmt: skip
         if bias_pairs:
             measured["bias"] = bias_scores(
                 lm, list(bias_pairs), batch_size=batch_size,
-                progress=lambda fraction: report_stage(stage, fraction),
+                progress=lambda fraction: report_stage(stage, split + (1 - split) * fraction),
             )  # fmt: skip
         report_stage(stage, 1.0)
         return measured

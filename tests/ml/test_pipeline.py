@@ -47,3 +47,18 @@ def test_unlearning_layers_the_model_lacks_fail_before_the_evaluation():
             UnlearnParams(layers=[0, 9], steps=1), progress=lambda stage, _f: stages.append(stage),
         )  # fmt: skip
     assert stages == []
+
+
+def test_the_before_edit_evaluation_is_a_stage_from_its_start_with_progress_inside():
+    lm = tiny_model("llama")
+    events: list[tuple[str, float]] = []
+    dinm_with_report(
+        lm, INSTANCE, DinmParams(steps=1), judge=CountingJudge(), max_new_tokens=8,
+        batch_size=16, progress=lambda stage, fraction: events.append((stage, fraction)),
+    )  # fmt: skip
+    assert events[0] == ("eval-before", 0.0)  # before its (only) generation batch
+    stages = list(dict.fromkeys(stage for stage, _ in events))
+    assert stages == ["eval-before", "locate", "tune", "eval-after"], stages
+    for stage in ("eval-before", "eval-after"):
+        inside = {f for s, f in events if s == stage and 0 < f < 1}
+        assert len(inside) >= 3, (stage, events)
