@@ -20,7 +20,7 @@ from tests.store import factories
 
 JOB_KEYS = {
     "id", "kind", "status", "stage", "progress", "parent", "version", "metrics", "error",
-    "attempts", "created_at", "started_at", "finished_at",
+    "attempts", "cancel_requested", "created_at", "started_at", "finished_at",
 }  # fmt: skip
 
 
@@ -202,6 +202,15 @@ def test_cancel_a_queued_job(api, session):
     assert cancelled.status_code == 200
     assert cancelled.json()["status"] == "cancelled" and cancelled.json()["finished_at"]
     assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+
+
+def test_a_cancel_of_a_running_job_shows_as_pending(api, session):
+    job = api.post("/v1/jobs", json=dinm_body()).json()
+    assert job["cancel_requested"] is False
+    crud.claim_job(session=session, job_id=job["id"], worker="w1")  # as a worker does
+    answer = api.post(f"/v1/jobs/{job['id']}/cancel").json()
+    assert (answer["status"], answer["cancel_requested"]) == ("running", True)
+    assert api.get(f"/v1/jobs/{job['id']}").json()["cancel_requested"] is True
 
 
 def test_broker_down_on_submit_is_503_and_leaves_no_queued_job(api_settings, session):
