@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     broker_connect_timeout_s: float = Field(
         2.0, gt=0, le=60, description="give up reaching the broker (enqueue, ping) after this"
     )
+    worker_restart_backoff_s: float = Field(
+        1.0, gt=0, le=3600,
+        description="`detox up`: a worker that died is restarted after this; doubles while it "
+        "keeps dying",
+    )  # fmt: skip
+    worker_restart_backoff_max_s: float = Field(
+        30.0, gt=0, le=3600, description="`detox up`: cap of the worker's restart delay"
+    )
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="CPU threads of torch in a worker (default: torch's)"
     )

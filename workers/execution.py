@@ -45,7 +45,7 @@ from app.store.errors import DuplicateVersionName, JobNotRunning, NotFound
 from app.store.models import Job
 from workers import errors
 from workers.errors import TRANSIENT_ERRORS, JobInputError
-from workers.monitor import JobMonitor
+from workers.monitor import JobMonitor, suite_spans
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,7 @@ def _evaluate(
 ) -> dict[str, Any]:
     """The asked suites on the evaluated version (the job's parent; none: the base)."""
     lm = runtime.lm
+    monitor.use_spans(suite_spans(list(spec.suites)))
     with _materialised(job, monitor, session_factory, runtime):
         params = spec.params
         results = run_suites(

@@ -29,13 +29,23 @@ log = logging.getLogger(__name__)
 
 StopReason = Literal["cancel", "superseded", "timeout"]
 
-# Where each stage of `dinm_with_report` lies in the job's overall progress (0..1).
+# Where each stage of `dinm_with_report` (evaluate, locate, tune, evaluate) and of
+# `unlearn_with_report` (evaluate, prepare, unlearn, evaluate) lies in the job's overall progress
+# (0..1). An eval job's suites split it evenly instead (`suite_spans`).
 STAGE_SPANS: dict[str, tuple[float, float]] = {
     "eval-before": (0.0, 0.25),
     "locate": (0.25, 0.3),
+    "prepare": (0.25, 0.3),
     "tune": (0.3, 0.75),
+    "unlearn": (0.3, 0.75),
     "eval-after": (0.75, 1.0),
 }
+
+
+def suite_spans(suites: list[str]) -> dict[str, tuple[float, float]]:
+    """An eval job's stages ("eval-<suite>", in order), each an equal share of its progress."""
+    n = len(suites)
+    return {f"eval-{suite}": (i / n, (i + 1) / n) for i, suite in enumerate(suites)}
 
 
 class JobMonitor:
@@ -60,6 +70,7 @@ class JobMonitor:
         self._clock = clock
         self._deadline = clock() + time_limit_s
         self._stage: str | None = None
+        self._spans = STAGE_SPANS
         self._overall = 0.0
         self._last_write = self._last_cancel_check = float("-inf")
         self._stop = threading.Event()
@@ -83,9 +94,13 @@ class JobMonitor:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    def use_spans(self, spans: dict[str, tuple[float, float]]) -> None:
+        """Where this job's stages lie in its progress (default: `STAGE_SPANS`)."""
+        self._spans = spans
+
     def progress(self, stage: str, fraction: float) -> None:
         """The edit's progress callback; raises EditCancelled when the job must stop."""
-        start, end = STAGE_SPANS.get(stage, (self._overall, self._overall))
+        start, end = self._spans.get(stage, (self._overall, self._overall))
         self._overall = max(self._overall, start + (end - start) * min(1.0, max(0.0, fraction)))
         now = self._clock()
         if stage != self._stage or now - self._last_write >= self._progress_every_s:

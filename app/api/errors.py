@@ -14,7 +14,7 @@ from sqlalchemy.exc import TimeoutError as TimeoutError_  # the connection pool 
 from starlette.exceptions import HTTPException
 
 from app.store import errors as store_errors
-from app.validation import field_path, problem_message
+from app.validation import field_path, first_problem, problem_message
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +80,28 @@ def _status_type(status: int) -> str:
     return INTERNAL if status >= 500 else INVALID_REQUEST
 
 
-async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+# The OpenAI-compatible routes answer as OpenAI does: 400 for a parameter the server does not
+# take (unsupported or unknown) and for a value of the wrong JSON type; other problems are 422.
+OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
-    first = errors[0] if errors else {}
+    first = first_problem(errors)
     param = field_path(first.get("loc", ()))
-    if first.get("type") == "json_invalid":
+    code = first.get("type")
+    if code == "json_invalid":
         param = None
     message = problem_message(first, param)
+    status = 422
+    if request.url.path in OPENAI_PATHS:
+        if code == "extra_forbidden":
+            code, message = "unsupported_parameter", f"{param}: unknown parameter"
+        if code == "unsupported_parameter" or str(code).endswith("_type"):
+            status = 400
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more)"
-    return error_response(422, message, INVALID_REQUEST, param, first.get("type"))
+    return error_response(status, message, INVALID_REQUEST, param, code)
 
 
 async def _on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -108,6 +120,7 @@ _STORE_ERRORS: dict[type[Exception], tuple[int, str, str]] = {
     store_errors.NotFound: (404, NOT_FOUND, "not_found"),
     store_errors.DuplicateVersionName: (409, CONFLICT, "duplicate_version_name"),
     store_errors.VersionHasChildren: (409, CONFLICT, "version_has_children"),
+    store_errors.VersionInExperiment: (409, CONFLICT, "version_in_experiment"),
     store_errors.InvalidCursor: (400, INVALID_REQUEST, "invalid_cursor"),
     store_errors.InvalidVersionName: (422, INVALID_REQUEST, "invalid_version_name"),
     store_errors.InvalidCorpusName: (422, INVALID_REQUEST, "invalid_corpus_name"),

@@ -4,6 +4,9 @@
 sends a sane one, else a new one), echoes it in the response, times the request into
 `detox_http_request_duration_seconds{method, route, status}` (the route template, never the raw
 path, so the label set stays small) and logs one access line, all with the id in the log context.
+An exception no handler took is answered here (500 in the envelope) and logged here, once, with
+its traceback and the request id; it goes no further (uvicorn would log it a second time, outside
+the request's context).
 
 `ServiceCollector` computes the rest at scrape time: jobs by kind and status and the queue depth
 from the store, a job-duration histogram over every finished job in the store (cumulative, as
@@ -30,9 +33,11 @@ from prometheus_client.core import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import MutableHeaders
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import logs
+from app.api import errors
 from app.experiments.outcomes import OutcomeRecorder
 from app.serving.provider import ServingProvider
 from app.store import crud
@@ -72,16 +77,29 @@ class RequestObserver:
         token = logs.request_id.set(rid)
         start = time.perf_counter()
         status = 500  # what the client gets if the app raises before answering
+        started = finished = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started, finished
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 MutableHeaders(scope=message)["X-Request-ID"] = rid
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                finished = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            errors.log.error(
+                "unhandled error on %s %s", scope["method"], scope["path"], exc_info=exc
+            )
+            if not started:
+                body = errors.error_body("internal server error", errors.INTERNAL,
+                                         code="internal_error")  # fmt: skip
+                await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
+            elif not finished:  # a stream that broke: end it (its client sees it cut short)
+                await send_with_id({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             seconds = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", None) or "unmatched"

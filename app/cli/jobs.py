@@ -176,6 +176,8 @@ def _show(job: dict[str, Any], as_json: bool) -> None:
         value = job[key]
         if key == "status":
             value = _status(value)
+            if job.get("cancel_requested") and job["status"] in ("queued", "running"):
+                value += " [yellow](cancel requested)[/yellow]"
         elif key == "progress":
             value = f"{value:.0%}"
         table.add_row(key, "" if value is None else str(value))

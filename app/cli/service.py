@@ -3,29 +3,23 @@ one-shot `detox migrate`."""
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 import signal
-import subprocess
 import sys
-import threading
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from app.cli.output import console
+from app.cli.supervisor import WorkerSupervisor, exit_with_parent
 from app.logs import configure_logging
 from app.settings import Settings, get_settings
-
-if TYPE_CHECKING:
-    import uvicorn
 
 HostOpt = Annotated[str, typer.Option(help="address to listen on")]
 PortOpt = Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")]
 GRACEFUL_S = 5  # open event streams get this long to end on shutdown
 WORKER_STOP_S = 20.0  # a worker finishing its step gets this long before it is killed
-PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def register(app: typer.Typer) -> None:
@@ -53,6 +47,7 @@ def worker() -> None:
     """One Celery worker (solo pool): runs edit jobs on this machine's accelerator."""
     from workers.main import run_worker
 
+    exit_with_parent()  # started by `detox up`: never outlive it
     code = run_worker(get_settings())
     if code:
         raise typer.Exit(code)
@@ -71,7 +66,8 @@ def migrate() -> None:
 
 def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     """Everything on this machine: the API and one worker, state under DETOX_HOME (SQLite and a
-    broker that needs no server by default). Ctrl-C stops both."""
+    broker that needs no server by default). A worker that dies is restarted (the API serves
+    meanwhile); Ctrl-C stops both."""
     settings = get_settings()
     _check_exposure(settings, host)
     home = settings.home_dir()
@@ -79,36 +75,30 @@ def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     if settings.auth and settings.admin_key is None and not _has_admin_key(settings):
         _print_first_admin_key(settings, f"http://{host}:{port}")
     env = {**os.environ, "DETOX_HOME": str(home)}  # the worker must find the same state
-    proc = subprocess.Popen(
+    supervisor = WorkerSupervisor(
         [sys.executable, "-m", "app.cli", "worker"],
-        env=env,
-        start_new_session=True,  # Ctrl-C reaches this process only; it stops the worker
-        preexec_fn=_die_with_parent,
-    )
-    console.print(
-        f"detox is up at [bold]http://{host}:{port}[/bold] (docs at /docs), "
-        f"state in {home}, worker pid {proc.pid}; Ctrl-C stops",
-        highlight=False,
-        soft_wrap=True,
+        env,
+        backoff_s=settings.worker_restart_backoff_s,
+        backoff_max_s=settings.worker_restart_backoff_max_s,
+        stop_timeout_s=WORKER_STOP_S,
     )
     # uvicorn re-raises the SIGTERM it shut down on; as an exception it lets `finally` run.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        _serve(settings, host, port, worker=proc)
+        pid = supervisor.start()
+        console.print(
+            f"detox is up at [bold]http://{host}:{port}[/bold] (docs at /docs), "
+            f"state in {home}, worker pid {pid}; Ctrl-C stops",
+            highlight=False,
+            soft_wrap=True,
+        )
+        _serve(settings, host, port, worker=supervisor)
     finally:
-        stop_process(proc, timeout=WORKER_STOP_S)
+        supervisor.stop()
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
-
-
-def _die_with_parent() -> None:
-    """In the worker, before exec: on Linux, get SIGTERM if `detox up` itself dies (even by
-    SIGKILL), so no worker is left behind."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _check_exposure(settings: Settings, host: str) -> None:
@@ -172,40 +162,18 @@ def _migrate(settings: Settings) -> None:
 
 
 def _serve(
-    settings: Settings, host: str, port: int, *, worker: subprocess.Popen | None = None
+    settings: Settings, host: str, port: int, *, worker: WorkerSupervisor | None = None
 ) -> None:
     import uvicorn
 
     from app.api.main import create_app
 
     configure_logging(settings.log_format, settings.log_level)
+    app = create_app(settings)
+    if worker is not None:
+        app.state.worker_check = worker.check  # `/readyz` reports the supervised worker
     config = uvicorn.Config(
-        create_app(settings), host=host, port=port, timeout_graceful_shutdown=GRACEFUL_S,
+        app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_S,
         log_config=None, access_log=False,  # our logging; the API logs its own access lines
     )  # fmt: skip
-    server = uvicorn.Server(config)
-    if worker is not None:
-        threading.Thread(target=_stop_when_gone, args=(worker, server), daemon=True).start()
-    server.run()
-    if worker is not None and worker.poll() not in (None, 0):
-        raise typer.Exit(1)
-
-
-def _stop_when_gone(worker: subprocess.Popen, server: uvicorn.Server) -> None:
-    """A worker that dies on its own takes the API down with it (nothing would run the jobs)."""
-    code = worker.wait()
-    if not server.should_exit:
-        console.print(f"[red]the worker exited (status {code}); stopping[/red]", highlight=False)
-        server.should_exit = True
-
-
-def stop_process(proc: subprocess.Popen, *, timeout: float) -> int:
-    """SIGTERM, wait up to `timeout`, then SIGKILL; returns the exit status."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            console.print("the worker did not stop in time; killing it", highlight=False)
-            proc.kill()
-    return proc.wait()
+    uvicorn.Server(config).run()

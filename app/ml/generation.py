@@ -18,7 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from app.ml.errors import InputError
 from app.ml.models import LoadedModel
@@ -50,7 +55,8 @@ def generate(
 ) -> list[Generation]:
     """Complete every prompt; greedy when `temperature` is 0, nucleus sampling otherwise.
 
-    `progress(fraction)`, when given, is called after each batch with the share of prompts done.
+    `progress(fraction)`, when given, is called after every generated token with the share of
+    the work done (a batch counts as done by `max_new_tokens`), so one long batch moves too.
     """
     _check_params(lm, max_new_tokens, batch_size, temperature, top_p)
     if not prompts:
@@ -71,10 +77,17 @@ def generate(
                 {"input_ids": [encoded[i][0] for i in rows]}, padding=True, return_tensors="pt"
             )
             input_ids = batch["input_ids"].to(lm.device)
+            watch = None
+            if progress is not None:
+                done, share = start / len(order), len(rows) / len(order)
+                watch = StoppingCriteriaList(
+                    [_TokenProgress(progress, done, share, input_ids.shape[1], max_new_tokens)]
+                )
             output = lm.model.generate(
                 input_ids=input_ids,
                 attention_mask=batch["attention_mask"].to(lm.device),
                 generation_config=config,
+                stopping_criteria=watch,
             )
             new_tokens = output[:, input_ids.shape[1] :].tolist()
             for i, tokens in zip(rows, new_tokens, strict=True):
@@ -83,6 +96,21 @@ def generate(
             if progress is not None:
                 progress(min(1.0, (start + len(rows)) / len(order)))
     return [r for r in results if r is not None]
+
+
+class _TokenProgress(StoppingCriteria):
+    """Never stops anything: after each new token, reports `done + share * tokens / max_new`."""
+
+    def __init__(
+        self, progress: Callable[[float], None], done: float, share: float, prompt: int, new: int
+    ):
+        self._progress, self._done, self._share = progress, done, share
+        self._prompt, self._new = prompt, new
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: object) -> torch.Tensor:
+        made = min(1.0, (input_ids.shape[1] - self._prompt) / self._new)
+        self._progress(min(1.0, self._done + self._share * made))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def _check_params(

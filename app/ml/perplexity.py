@@ -47,8 +47,10 @@ def perplexity(
     *,
     batch_size: int = 8,
     max_length: int | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> dict[str, float | int]:
-    """{"perplexity", "tokens" (predicted), "texts"} over `texts` (default: the reference text)."""
+    """{"perplexity", "tokens" (predicted), "texts"} over `texts` (default: the reference text);
+    `progress(fraction)` after each batch."""
     chosen = reference_texts() if texts is None else list(texts)
     if not chosen:
         raise InputError("perplexity: no texts to score")
@@ -59,7 +61,7 @@ def perplexity(
         raise InputError("perplexity: max_length must be at least 2 tokens")
     length = min(lm.context_length, max_length or lm.context_length)
     sequences = [encode_text(lm.tokenizer, text, max_length=length) for text in chosen]
-    logprobs = token_logprobs(lm, sequences, batch_size=batch_size)
+    logprobs = token_logprobs(lm, sequences, batch_size=batch_size, progress=progress)
     tokens = sum(len(row) for row in logprobs)
     if tokens == 0:
         raise InputError("perplexity: the texts hold no token to predict")

@@ -21,6 +21,7 @@ from app.ml.perplexity import perplexity, reference_texts
 from app.ml.safeedit import SafeEditInstance
 from app.ml.unlearn import UnlearnResult, unlearn
 from app.ml.unlearn_params import UnlearnParams
+from app.ml.unlearn_scope import module_names
 
 
 def dinm_with_report(
@@ -40,6 +41,7 @@ def dinm_with_report(
 
     def measure(stage: str) -> tuple[Evaluation, list[torch.Tensor]]:
         """SafeEdit answers and knowledge-constraint log-probs of the model as it is now."""
+        report_stage(stage, 0.0)  # the stage shows from its start, not after its first batch
         evaluation = evaluate(
             lm,
             instances,
@@ -50,6 +52,8 @@ def dinm_with_report(
         )
         return evaluation, knowledge_logprobs(lm, instances)
 
+    if params.layer is not None:  # a layer it does not have: fail before the evaluation
+        lm.adapter.check_layer(params.layer)
     reset_peak(lm.device)
     before, pre = measure("eval-before")
     result = dinm_edit_many(lm, instances, params, progress=progress, should_cancel=should_cancel)
@@ -85,6 +89,9 @@ def default_retain() -> list[Document]:
     return [Document(f"{prompt}\n{answer}") for prompt, answer in benign_retain_set()]
 
 
+_PERPLEXITY_SHARE = 0.2  # of an unlearning job's evaluation stage, before the bias scores
+
+
 def unlearn_with_report(
     lm: LoadedModel,
     forget: Sequence[Document],
@@ -104,15 +111,22 @@ def unlearn_with_report(
 
     def measure(stage: str) -> dict[str, Any]:
         report_stage(stage, 0.0)
-        measured: dict[str, Any] = {"perplexity": perplexity(lm, texts, batch_size=batch_size)}
+        split = _PERPLEXITY_SHARE if bias_pairs else 1.0  # of the stage, the rest: bias scores
+        measured: dict[str, Any] = {
+            "perplexity": perplexity(
+                lm, texts, batch_size=batch_size,
+                progress=lambda fraction: report_stage(stage, split * fraction),
+            )
+        }  # fmt: skip
         if bias_pairs:
             measured["bias"] = bias_scores(
                 lm, list(bias_pairs), batch_size=batch_size,
-                progress=lambda fraction: report_stage(stage, fraction),
+                progress=lambda fraction: report_stage(stage, split + (1 - split) * fraction),
             )  # fmt: skip
         report_stage(stage, 1.0)
         return measured
 
+    module_names(lm, params)  # layers or modules it does not have: fail before the evaluation
     reset_peak(lm.device)
     before = measure("eval-before")
     retain = list(retain) if retain else default_retain()

@@ -55,6 +55,7 @@ def run_suites(
         def step(fraction: float, suite: str = suite) -> None:
             report(f"eval-{suite}", fraction)
 
+        step(0.0)
         if suite == "safeedit":
             chosen = list(instances) if instances else packaged_instances()
             evaluation = evaluate(
@@ -67,6 +68,8 @@ def run_suites(
             results[suite] = bias_scores(lm, pairs, batch_size=batch_size, progress=step)
         else:
             chosen_texts = list(texts) if texts else reference_texts()
-            results[suite] = perplexity(lm, chosen_texts[:limit], batch_size=batch_size)
+            results[suite] = perplexity(
+                lm, chosen_texts[:limit], batch_size=batch_size, progress=step
+            )
             step(1.0)
     return results

@@ -132,6 +132,7 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 def _choose(logits: torch.Tensor, row: _Row) -> int:
     params = row.request.params
+    logits = _adjusted(logits, row)
     if params.temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits / params.temperature, dim=-1)
@@ -142,6 +143,25 @@ def _choose(logits: torch.Tensor, row: _Row) -> int:
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def _adjusted(logits: torch.Tensor, row: _Row) -> torch.Tensor:
+    """The logits with OpenAI's logit_bias, presence and frequency penalties applied (on the
+    tokens generated so far, the prompt's not counted)."""
+    params = row.request.params
+    penalised = (params.presence_penalty or params.frequency_penalty) and row.tokens
+    if not params.logit_bias and not penalised:
+        return logits
+    logits = logits.clone()
+    size = logits.shape[-1]
+    bias = [(token, value) for token, value in params.logit_bias if token < size]
+    if bias:
+        ids = torch.tensor([t for t, _ in bias], device=logits.device)
+        logits[ids] += torch.tensor([v for _, v in bias], device=logits.device)
+    if penalised:
+        ids, counts = torch.tensor(row.tokens, device=logits.device).unique(return_counts=True)
+        logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
+    return logits
 
 
 def _advance(lm: LoadedModel, row: _Row, token: int, stop_ids: set[int]) -> bool:

@@ -176,6 +176,14 @@ class Engine:
     def context_length(self) -> int:
         return self.lm.context_length
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model scores: 0 .. vocab_size - 1."""
+        head = self.lm.model.get_output_embeddings()
+        return (
+            int(head.weight.shape[0]) if head is not None else int(self.lm.model.config.vocab_size)
+        )
+
     def encode_text(self, text: str) -> list[int]:
         return self.lm.tokenizer(text)["input_ids"]
 

@@ -29,3 +29,12 @@ class OverloadedError(ServingError):
 
 class EngineClosedError(ServingError):
     """The engine was shut down; no more requests are taken."""
+
+
+class InvalidParameterError(ServingError):
+    """A request parameter that does not fit the served model (e.g. a logit_bias token id
+    beyond its vocabulary); `param` names it."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from app.serving.errors import UnknownModelError
+from app.serving.errors import InvalidParameterError, UnknownModelError
 from app.serving.protocol import (
     AbArm,
     AbRequest,
@@ -109,6 +109,7 @@ class OpenAIHandlers:
         (`stream`) or wait for the whole result (`respond`); a watched route hears of it."""
         start = time.perf_counter()
         route, target, ids = await asyncio.to_thread(self._prepare, request, encode)
+        self._check_logit_bias(request)
         params = request.to_sampling_params(
             self.engine.token_budget(ids, request.requested_tokens())
         )
@@ -120,6 +121,15 @@ class OpenAIHandlers:
         result = await self.engine.complete(ids, target, params)
         served.finished(result)
         return respond(rid, created, target, result)
+
+    def _check_logit_bias(self, request: CompletionRequest | ChatCompletionRequest) -> None:
+        vocab = getattr(self.engine, "vocab_size", None)
+        beyond = [t for t in request.logit_bias or {} if vocab is not None and int(t) >= vocab]
+        if beyond:
+            raise InvalidParameterError(
+                f"logit_bias: token {beyond[0]} is beyond the model's vocabulary (0-{vocab - 1})",
+                "logit_bias",
+            )
 
     def _prepare(
         self, request: CompletionRequest | ChatCompletionRequest, encode: Callable[[], list[int]]

@@ -1,24 +1,77 @@
 """OpenAI-compatible request and response shapes (pydantic), and `/v1/ab`'s. Torch-free.
 
-Requests translate themselves into `SamplingParams` (`to_sampling_params`). Fields the OpenAI
-client may send that this server does not implement are accepted and ignored, except `n` > 1,
-which is refused (422).
+Requests translate themselves into `SamplingParams` (`to_sampling_params`). Numbers and flags are
+strict JSON types (`"max_tokens": "5"` is refused, not read as 5). A parameter this server does
+not implement is refused with the error type `unsupported_parameter` naming it (the API answers
+400), unless it asks for what the server does anyway (`"logprobs": false`, `"response_format":
+{"type": "text"}`, ...) or is bookkeeping that changes no answer (`metadata`, `store`, ...);
+an unknown parameter is refused alike (`extra_forbidden`). `n` > 1 is refused (422).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from app.serving.sampling import SamplingParams
+from app.validation import UnicodeStr, valid_unicode_texts
 
 MAX_STOPS = 4
 
 # Beyond any context window: larger is a mistake (422), smaller is capped by the server.
 MAX_TOKENS_FIELD = 1_000_000
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+Number = StrictFloat  # a JSON number (an integer too), never a string or a boolean
+
+
+def _unsupported(*accepted: Any) -> Any:
+    """The type of an OpenAI parameter this server does not implement: refused unless absent or
+    one of the `accepted` values (those asking for what the server does anyway)."""
+
+    def check(value: Any) -> Any:
+        if value is not None and not any(type(value) is type(a) and value == a for a in accepted):
+            raise PydanticCustomError(
+                "unsupported_parameter", "this parameter is not supported by this server"
+            )
+        return None
+
+    return SkipJsonSchema[Annotated[Any, AfterValidator(check)]]
+
+
+# Bookkeeping parameters of OpenAI's API that change no answer: accepted, ignored.
+Ignored = SkipJsonSchema[Any]
+
+
+def _check_logit_bias(bias: dict[str, Any] | None) -> dict[str, Any] | None:
+    if bias is None:
+        return None
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens")
+    for token, value in bias.items():
+        if not token.isascii() or not token.isdigit():
+            raise ValueError(f"keys must be token ids (non-negative integers), not {token!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not -100 <= value <= 100
+        ):
+            raise ValueError(f"token {token}: the bias must be a number from -100 to 100")
+    return bias
 
 
 def new_id(prefix: str) -> str:
@@ -30,24 +83,62 @@ def now() -> int:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(
+    model: UnicodeStr = Field(
         description='"base", a version name, "latest", or "exp:<name>" (an experiment picks)'
     )
-    user: str | None = Field(
+    user: UnicodeStr | None = Field(
         None, max_length=256, description="who asks; in an experiment, the same user, the same arm"
     )
-    max_tokens: int | None = Field(
+    max_tokens: StrictInt | None = Field(
         None, ge=1, le=MAX_TOKENS_FIELD, description="capped by the server and the context"
     )
-    temperature: float = Field(1.0, ge=0, le=2, description="0: greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, description="only 1 is supported")
-    stream: bool = False
+    temperature: Number = Field(1.0, ge=0, le=2, description="0: greedy")
+    top_p: Number = Field(1.0, gt=0, le=1)
+    n: StrictInt = Field(1, ge=1, description="only 1 is supported")
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
+    presence_penalty: Number = Field(
+        0.0, ge=-2, le=2, description="subtracted from the logit of every token already generated"
+    )
+    frequency_penalty: Number = Field(
+        0.0, ge=-2, le=2,
+        description="times how often a token was generated, subtracted from its logit",
+    )  # fmt: skip
+    logit_bias: dict[str, Any] | None = Field(
+        None, description='added to the logits of the token ids given as keys: {"50256": -100}'
+    )
+    # OpenAI's, not implemented here: refused unless they ask for the default.
+    logprobs: _unsupported(False) = None
+    top_logprobs: _unsupported() = None
+    tools: _unsupported() = None
+    tool_choice: _unsupported("none") = None
+    functions: _unsupported() = None
+    function_call: _unsupported("none") = None
+    response_format: _unsupported({"type": "text"}) = None
+    audio: _unsupported() = None
+    modalities: _unsupported(["text"]) = None
+    prediction: _unsupported() = None
+    reasoning_effort: _unsupported() = None
+    verbosity: _unsupported() = None
+    web_search_options: _unsupported() = None
+    best_of: _unsupported(1) = None
+    echo: _unsupported(False) = None
+    suffix: _unsupported() = None
+    metadata: Ignored = None
+    store: Ignored = None
+    service_tier: Ignored = None
+    parallel_tool_calls: Ignored = None
+    prompt_cache_key: Ignored = None
+    safety_identifier: Ignored = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _check_logit_bias(value)
 
     @field_validator("n")
     @classmethod
@@ -60,6 +151,7 @@ class _Request(BaseModel):
     @classmethod
     def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
+        valid_unicode_texts(stops)
         if len(stops) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop sequences")
         if any(not s for s in stops):
@@ -79,6 +171,9 @@ class _Request(BaseModel):
             top_p=self.top_p,
             stop=self.stops(),
             seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
         )
 
     @property
@@ -87,7 +182,9 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool = False
 
 
 class CompletionRequest(_Request):
@@ -98,7 +195,7 @@ class CompletionRequest(_Request):
     def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("exactly one prompt is supported")
-        return value
+        return valid_unicode_texts(value)
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -106,7 +203,7 @@ class CompletionRequest(_Request):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: UnicodeStr
 
 
 class ChatMessage(BaseModel):
@@ -114,6 +211,11 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _valid_unicode(cls, value: str | list[TextPart]) -> str | list[TextPart]:
+        return valid_unicode_texts(value)  # the parts' texts check themselves
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -123,7 +225,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -225,14 +327,14 @@ class ModelList(BaseModel):
 class AbRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = None
+    prompt: UnicodeStr | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    arms: list[str] = Field(min_length=1, max_length=16, description='e.g. ["base", "v3"]')
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
-    temperature: float = Field(0.0, ge=0, le=2, description="0 (greedy) by default")
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    judge: bool = Field(True, description="score each arm's text with the configured judge")
+    arms: list[UnicodeStr] = Field(min_length=1, max_length=16, description='e.g. ["base", "v3"]')
+    max_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
+    temperature: Number = Field(0.0, ge=0, le=2, description="0 (greedy) by default")
+    top_p: Number = Field(1.0, gt=0, le=1)
+    seed: StrictInt | None = None
+    judge: StrictBool = Field(True, description="score each arm's text with the configured judge")
 
     @model_validator(mode="after")
     def _one_input(self) -> AbRequest:

@@ -12,6 +12,9 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: minus this on every token generated so far
+    frequency_penalty: float = 0.0  # minus this times each token's count so far
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
 
 @dataclass(frozen=True)

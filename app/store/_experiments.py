@@ -42,6 +42,15 @@ def create_experiment(
     return experiment
 
 
+def running_experiments_serving(*, session: Session, models: list[str]) -> list[str]:
+    """The names of the running experiments with an arm on one of `models`, oldest first."""
+    wanted = set(models)
+    running = session.scalars(
+        select(Experiment).where(Experiment.status == "running").order_by(Experiment.id)
+    )
+    return [e.name for e in running if any(arm.get("model") in wanted for arm in e.arms)]
+
+
 def experiment_name_exists(*, session: Session, name: str) -> bool:
     return session.scalar(select(Experiment.id).where(Experiment.name == name)) is not None
 

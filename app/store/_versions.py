@@ -16,12 +16,14 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import flag_modified
 
+from app.store._experiments import running_experiments_serving
 from app.store._rows import name_problem
 from app.store.errors import (
     DuplicateVersionName,
     InvalidVersionName,
     NotFound,
     VersionHasChildren,
+    VersionInExperiment,
 )
 from app.store.models import Version
 
@@ -165,7 +167,8 @@ def retire_version(*, session: Session, name: str, cascade: bool = False) -> lis
     """Retire `name`; returns the versions retired (it first, then its live descendants).
 
     Refused with VersionHasChildren while live descendants exist, unless `cascade`, which retires
-    the whole subtree. Unknown or already retired names raise NotFound; "latest" is refused.
+    the whole subtree, and with VersionInExperiment while a running experiment has an arm on any
+    version it would retire. Unknown or already retired names raise NotFound; "latest" is refused.
     """
     if name == "latest":
         raise InvalidVersionName("retire a version by its own name, not 'latest'")
@@ -174,6 +177,9 @@ def retire_version(*, session: Session, name: str, cascade: bool = False) -> lis
     if live and not cascade:
         raise VersionHasChildren(name, [v.name for v in live])
     retired = [version, *live]
+    experiments = running_experiments_serving(session=session, models=[v.name for v in retired])
+    if experiments:
+        raise VersionInExperiment(name, experiments)
     session.execute(
         update(Version)
         .where(Version.id.in_([v.id for v in retired]))

@@ -35,6 +35,18 @@ class VersionHasChildren(StoreError):
         self.children = children
 
 
+class VersionInExperiment(StoreError):
+    """Retiring a version that an arm of a running experiment serves: its users would get 404s."""
+
+    def __init__(self, name: str, experiments: list[str]):
+        super().__init__(
+            f"version {name!r} is an arm of running experiments ({', '.join(experiments)}); "
+            "stop them first (POST /v1/experiments/NAME/stop, naming the winner)"
+        )
+        self.name = name
+        self.experiments = experiments
+
+
 class InvalidCursor(StoreError, ValueError):
     """A pagination cursor that this store did not hand out."""
 

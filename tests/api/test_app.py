@@ -44,8 +44,24 @@ def test_readyz_names_a_missing_model(api_settings, session, tmp_path):
     assert_error(response, 503)
     assert response.json()["checks"]["model"] == {
         "ok": False,
-        "detail": f"no model at {tmp_path / 'no-such-model'}",
+        "detail": "no model 'no-such-model' where DETOX_MODEL points",
     }
+
+
+def test_readyz_names_the_model_never_a_path_of_this_machine(api_settings, session, tmp_path):
+    folder = tmp_path / "models" / "my-model"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    for model, cache in [(str(folder), tmp_path), ("demo", tmp_path / "cache")]:
+        if model == "demo":  # a converted demo model, in the cache folder
+            converted = cache / "models" / "smollm2-135m-instruct"
+            converted.mkdir(parents=True)
+            (converted / "config.json").write_text("{}")
+        settings = api_settings.model_copy(update={"model": model, "cache_dir": cache})
+        with TestClient(create_app(settings)) as client:  # no key: /readyz is public
+            detail = client.get("/readyz").json()["checks"]["model"]["detail"]
+        assert str(tmp_path) not in detail, detail
+        assert ("my-model" if model != "demo" else "smollm2-135m-instruct") in detail, detail
 
 
 def test_every_request_body_has_an_example(api):

@@ -14,6 +14,7 @@ from tests.services import AUTH
 
 JSON = {"Content-Type": "application/json"} | AUTH
 COMPLETION = {"model": "base", "prompt": "hi", "max_tokens": 2}
+MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize("path", ["/v1/jobs", "/v1/completions", "/v1/chat/completions",
@@ -53,14 +54,61 @@ def test_huge_and_non_finite_numbers_in_job_params_are_422(client, raw, param):
 
 @pytest.mark.parametrize(
     ("field", "raw"),
-    [("temperature", "NaN"), ("temperature", "Infinity"), ("top_p", "NaN"), ("seed", "1e400"),
-     ("max_tokens", "1" + "0" * 400), ("temperature", "-1"), ("top_p", "1.5")],
+    [("temperature", "NaN"), ("temperature", "Infinity"), ("top_p", "NaN"),
+     ("max_tokens", "1" + "0" * 400), ("temperature", "-1"), ("top_p", "1.5"),
+     ("presence_penalty", "2.5"), ("frequency_penalty", "-3"), ("logit_bias", '{"x": 1}'),
+     ("logit_bias", '{"5": 101}'), ("logit_bias", '{"5": true}')],
 )  # fmt: skip
 def test_bad_sampling_numbers_are_422(client, field, raw):
     fields = {"model": '"base"', "prompt": '"hi"', "max_tokens": "2", field: raw}
     payload = "{" + ", ".join(f'"{k}": {v}' for k, v in fields.items()) + "}"
     response = client.post("/v1/completions", content=payload, headers=JSON)
     assert_error(response, 422, param=field)
+
+
+@pytest.mark.parametrize(
+    ("field", "raw"),
+    [("max_tokens", '"5"'), ("max_tokens", "5.0"), ("stream", '"yes"'), ("stream", "1"),
+     ("temperature", '"0.5"'), ("temperature", "true"), ("seed", "1.5"), ("seed", "1e400"),
+     ("n", '"1"'), ("top_p", '"1"'), ("presence_penalty", '"1"'), ("logit_bias", "[5]"),
+     ("stream_options", '{"include_usage": "yes"}')],
+)  # fmt: skip
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_value_of_the_wrong_json_type_is_400_not_coerced(client, path, field, raw):
+    fields = {"model": '"base"', "prompt": '"hi"', "messages": json.dumps(MESSAGES),
+              "max_tokens": "2", field: raw}  # fmt: skip
+    del fields["messages" if path == "/v1/completions" else "prompt"]
+    payload = "{" + ", ".join(f'"{k}": {v}' for k, v in fields.items()) + "}"
+    error = assert_error(client.post(path, content=payload, headers=JSON), 400)
+    assert error["param"].split(".")[0] == field and error["code"].endswith("_type"), error
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("logprobs", True), ("logprobs", 0), ("top_logprobs", 2), ("tools", [{"type": "function"}]),
+     ("tool_choice", "auto"), ("response_format", {"type": "json_object"}), ("echo", True),
+     ("best_of", 3), ("suffix", "!"), ("audio", {}), ("made_up", 1)],
+)  # fmt: skip
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_an_openai_parameter_this_server_does_not_implement_is_400_naming_it(
+    client, path, field, value
+):
+    body = {"model": "base", "max_tokens": 2, field: value}
+    body |= {"prompt": "hi"} if path == "/v1/completions" else {"messages": MESSAGES}
+    error = assert_error(client.post(path, json=body, headers=AUTH), 400, param=field)
+    assert error["code"] == "unsupported_parameter", error
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"logprobs": False}, {"response_format": {"type": "text"}}, {"tool_choice": "none"},
+     {"metadata": {"team": "a"}}, {"store": False}, {"service_tier": "auto"},
+     {"top_logprobs": None}],
+)  # fmt: skip
+def test_openai_parameters_asking_for_the_default_are_accepted(client, extra):
+    body = {"model": "base", "max_tokens": 2, "messages": MESSAGES} | extra
+    response = client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
 
 
 def test_a_huge_but_valid_max_tokens_is_capped(client):
@@ -116,3 +164,12 @@ def test_sql_in_a_version_name_is_just_a_name(client, session):
     response = client.get("/v1/versions/x'; DROP TABLE versions; --", headers=AUTH)
     assert_error(response, 404)
     assert crud.list_versions(session=session) == []  # the query ran, on a table that exists
+
+
+def test_a_logit_bias_beyond_the_vocabulary_is_400(client):
+    body = COMPLETION | {"logit_bias": {"5": 1, "99999": -100}}
+    error = assert_error(client.post("/v1/completions", json=body, headers=AUTH), 400)
+    assert error["param"] == "logit_bias" and "99999" in error["message"], error
+    body = COMPLETION | {"logit_bias": {"5": 100}, "max_tokens": 4, "temperature": 0}
+    answer = client.post("/v1/completions", json=body, headers=AUTH).json()
+    assert answer["choices"][0]["text"].split() == ["!"] * 4  # token 5 is "!"

@@ -262,14 +262,26 @@ def test_a_failing_judge_never_fails_a_generation(
         )
 
 
-def test_an_arm_whose_version_was_retired_says_so(api):
+def test_a_version_serving_a_running_experiment_is_not_retired(api):
     create(api, arms=[{"model": "v2"}, {"model": "v1", "weight": 0}])
-    assert api.delete("/v1/versions/v2").status_code == 200
+    create(api, name="e2", arms=[{"model": "base"}, {"model": "v2"}])
+    for path in ("/v1/versions/v2", "/v1/versions/v1?cascade=true"):  # v2 is v1's child
+        error = assert_error(api.delete(path), 409)
+        assert error["code"] == "version_in_experiment", error
+        assert "running experiments (e1, e2)" in error["message"], error
+    assert chat(api, "anyone")["model"] in ("v1", "v2")  # the experiment serves on
+    assert {v["name"] for v in api.get("/v1/versions").json()["data"]} == {"v1", "v2"}
+    api.post("/v1/experiments/e1/stop", json={"winner": "v1"})
+    error = assert_error(api.delete("/v1/versions/v2"), 409)
+    assert "running experiments (e2)" in error["message"], error
+    api.post("/v1/experiments/e2/stop")
+    assert api.delete("/v1/versions/v2").status_code == 200  # no running experiment serves it
+    assert chat(api, "anyone")["model"] == "v1"  # e1's winner serves its traffic
+    # A stopped experiment does not hold its winner: retired, its traffic is told why it fails.
+    assert api.delete("/v1/versions/v1").status_code == 200
     error = assert_error(
         api.post("/v1/chat/completions", json={"model": "exp:e1", "messages": MESSAGES}),
         404,
         param="model",
     )
-    assert "exp:e1's arm 'v2' is no longer served" in error["message"]
-    stopped = api.post("/v1/experiments/e1/stop", json={"winner": "v1"}).json()
-    assert chat(api, "anyone")["model"] == stopped["serves"] == "v1"
+    assert "exp:e1's arm 'v1' is no longer served" in error["message"]

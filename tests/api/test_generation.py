@@ -90,9 +90,11 @@ def test_errors(client):
         client.post("/v1/completions", json={"model": "base", "prompt": long_prompt}), 400
     )
     assert "context" in error["message"] and error["param"] == "prompt"
-    for messages in ([], [{"role": "robot", "content": "hi"}], [{"role": "user"}], "hi"):
+    for messages in ([], [{"role": "robot", "content": "hi"}], [{"role": "user"}]):
         response = client.post("/v1/chat/completions", json={"model": "base", "messages": messages})
         assert_error(response, 422)
+    response = client.post("/v1/chat/completions", json={"model": "base", "messages": "hi"})
+    assert assert_error(response, 400, param="messages")["code"] == "list_type"  # as OpenAI: 400
 
 
 def test_completion_stream_matches_the_plain_answer(client):

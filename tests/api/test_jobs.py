@@ -15,7 +15,7 @@ from tests.store import factories
 
 JOB_KEYS = {
     "id", "kind", "status", "stage", "progress", "parent", "version", "metrics", "error",
-    "attempts", "created_at", "started_at", "finished_at",
+    "attempts", "cancel_requested", "created_at", "started_at", "finished_at",
 }  # fmt: skip
 
 
@@ -216,6 +216,15 @@ def test_cancel_a_queued_job(api, session):
     assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
 
 
+def test_a_cancel_of_a_running_job_shows_as_pending(api, session):
+    job = api.post("/v1/jobs", json=dinm_body()).json()
+    assert job["cancel_requested"] is False
+    crud.claim_job(session=session, job_id=job["id"], worker="w1")  # as a worker does
+    answer = api.post(f"/v1/jobs/{job['id']}/cancel").json()
+    assert (answer["status"], answer["cancel_requested"]) == ("running", True)
+    assert api.get(f"/v1/jobs/{job['id']}").json()["cancel_requested"] is True
+
+
 def test_broker_down_on_submit_is_503_and_leaves_no_queued_job(api_settings, session):
     down = api_settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{closed_port()}/0"})
     with TestClient(create_app(down), headers=AUTH) as client:
@@ -259,3 +268,27 @@ def test_unexpected_errors_are_500_in_the_envelope(api_settings, session):
         error = assert_error(client.post("/v1/jobs", json=dinm_body()), 500)
     assert error["type"] == "internal_error" and "boom" not in error["message"]
     assert crud.count_jobs(session=session, status="queued") == 0
+
+
+def test_a_layer_the_base_model_does_not_have_is_422_at_submit(
+    api_settings, session, redis_queue, tiny_model_dir
+):
+    settings = api_settings.model_copy(update={"model": str(tiny_model_dir)})  # 4 layers
+    unlearn = {"kind": "unlearn", "forget": ["x"]}
+    with TestClient(create_app(settings), headers=AUTH) as client:
+        for body, param in [
+            (dinm_body(params={"layer": 4}), "params.layer"),
+            (dinm_body(params={"layer": 999}), "params.layer"),
+            (unlearn | {"params": {"layers": [0, 9]}}, "params.layers[1]"),
+        ]:
+            error = assert_error(client.post("/v1/jobs", json=body), 422, param=param)
+            assert error["code"] == "layer_out_of_range", error
+            assert "has layers 0..3" in error["message"] and tiny_model_dir.name in error["message"]
+        assert client.post("/v1/jobs", json=dinm_body(params={"layer": 3})).status_code == 202
+        ok = client.post("/v1/jobs", json=unlearn | {"params": {"layers": [3]}})
+        assert ok.status_code == 202, ok.text
+    assert queued_tasks(redis_queue) == 2  # nothing was queued for the refused ones
+    # A model whose config this process cannot read (a hub id): the worker checks instead.
+    hub = api_settings.model_copy(update={"model": "someone/some-model"})
+    with TestClient(create_app(hub), headers=AUTH) as client:
+        assert client.post("/v1/jobs", json=dinm_body(params={"layer": 999})).status_code == 202

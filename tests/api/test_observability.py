@@ -125,3 +125,48 @@ def test_json_log_lines_carry_the_request_and_job_ids(capsys):
     ]  # fmt: skip
     assert lines[0]["status"] == 200 and lines[1]["level"] == "WARNING"
     assert {"time", "level", "logger", "message"} <= set(lines[0])
+
+
+def test_a_500_is_logged_once_with_its_request_id_under_uvicorn(api_settings, session, caplog):
+    """On a real uvicorn server configured as `detox api` configures it (its loggers propagate to
+    ours): one record with the traceback, carrying the request id the client got."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from app.api.main import create_app
+    from tests.api.serving_app import free_port
+
+    class BrokenBroker:
+        def enqueue(self, job_id: str) -> None:
+            raise RuntimeError("boom")
+
+        def ping(self, timeout: float) -> None:
+            raise RuntimeError("boom")
+
+    caplog.handler.addFilter(logs.ContextFilter())
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    app = create_app(api_settings, broker=BrokenBroker())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", json=dinm_body(), headers=AUTH,
+                              timeout=30)  # fmt: skip
+    finally:
+        server.should_exit = True
+        thread.join(20)
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"
+    assert "boom" not in response.text
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1, [(r.name, r.getMessage()) for r in tracebacks]
+    assert tracebacks[0].request_id == response.headers["x-request-id"]
+    assert "unhandled error on POST /v1/jobs" in tracebacks[0].getMessage()

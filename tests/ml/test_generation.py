@@ -83,3 +83,15 @@ def test_empty_and_bad_parameters() -> None:
         generate(lm, ["x"], max_new_tokens=256)
     with pytest.raises(InputError, match="top_p"):
         generate(lm, ["x"], top_p=0.0)
+
+
+def test_progress_moves_with_every_token_not_only_after_a_batch() -> None:
+    lm = tiny_model("llama")
+    seen: list[float] = []
+    plain = generate(lm, ["Hi", "Tell me a story"], max_new_tokens=6, batch_size=8)
+    watched = generate(lm, ["Hi", "Tell me a story"], max_new_tokens=6, batch_size=8,
+                       progress=seen.append)  # fmt: skip
+    assert [g.text for g in watched] == [g.text for g in plain]  # watching changes nothing
+    inside = [f for f in seen if 0 < f < 1]
+    assert len(set(inside)) >= 3, seen  # one batch, yet it moves while it generates
+    assert seen == sorted(seen) and seen[-1] == 1.0

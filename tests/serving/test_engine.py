@@ -224,3 +224,50 @@ def test_hooks_equal_merged_weights_for_weight_and_bias_deltas(family):
     torch.testing.assert_close(mixed[0], merged[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mixed[1], base[1], rtol=0, atol=0)
     assert not torch.allclose(merged[0], base[0], atol=1e-3)
+
+
+def _penalised_greedy(lm, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+    """Reference: one full forward per token (no cache, no batch), OpenAI's penalties written
+    out: logit - frequency * count - presence * (count > 0) + bias, then the argmax."""
+    tokens: list[int] = []
+    end = lm.tokenizer.eos_token_id
+    with torch.inference_mode():
+        for _ in range(params.max_tokens):
+            logits = lm.model(input_ids=torch.tensor([prompt_ids + tokens])).logits[0, -1].float()
+            for token in set(tokens):
+                count = tokens.count(token)
+                logits[token] -= params.frequency_penalty * count + params.presence_penalty
+            for token, bias in params.logit_bias:
+                logits[token] += bias
+            tokens.append(int(logits.argmax()))
+            if tokens[-1] == end:
+                break
+    return tokens
+
+
+def test_penalties_and_logit_bias_match_a_plain_greedy_loop(sessions):
+    lm = tiny_model("llama")
+    engine = make_engine(lm, sessions)
+    plain = SamplingParams(max_tokens=16, temperature=0.0)
+    shaped = SamplingParams(
+        max_tokens=16, temperature=0.0, presence_penalty=0.4, frequency_penalty=0.9,
+        logit_bias=((40, 0.5), (41, -100.0)),
+    )  # fmt: skip
+    forcing = SamplingParams(max_tokens=5, temperature=0.7, seed=1, logit_bias=((7, 100.0),))
+
+    async def run(prompt: list[int]):
+        base = engine.target("base")
+        return await asyncio.gather(
+            *(engine.complete(prompt, base, params) for params in (plain, shaped, forcing))
+        )
+
+    try:
+        prompt = engine.encode_text("Tell me how to do it.")
+        *results, forced = asyncio.run(run(prompt))
+    finally:
+        engine.close()
+    assert list(results[0].token_ids) == _penalised_greedy(lm, prompt, plain)
+    assert list(results[1].token_ids) == _penalised_greedy(lm, prompt, shaped)
+    assert results[0].token_ids != results[1].token_ids  # the penalties changed the answer
+    assert 41 not in results[1].token_ids
+    assert list(forced.token_ids) == [7] * 5  # sampling sees the bias too

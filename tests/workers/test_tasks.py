@@ -19,7 +19,7 @@ from workers import monitor as monitor_module
 from workers import tasks
 from workers.celery_app import BrokerUnavailable
 from workers.main import StaleJobReaper
-from workers.monitor import JobMonitor
+from workers.monitor import JobMonitor, suite_spans
 
 
 @pytest.fixture
@@ -140,3 +140,25 @@ def wait_until(condition, timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_every_kind_of_job_moves_its_overall_progress(session_factory):
+    job_id = submit(session_factory)
+    with session_factory() as session:
+        job = crud.claim_job(session=session, job_id=job_id, worker="w")
+    monitor = JobMonitor(session_factory, job_id, job.attempts, heartbeat_s=60, time_limit_s=100)
+    overall = []
+    for stage, fraction in [("eval-before", 0.5), ("prepare", 1.0), ("unlearn", 0.5),
+                            ("eval-after", 1.0)]:  # fmt: skip
+        monitor.progress(stage, fraction)
+        overall.append(round(get(session_factory, job_id).progress, 3))
+    assert overall == [0.125, 0.3, 0.525, 1.0]  # an unlearning job
+    eval_job = submit(session_factory)
+    with session_factory() as session:
+        job = crud.claim_job(session=session, job_id=eval_job, worker="w")
+    monitor = JobMonitor(session_factory, eval_job, job.attempts, heartbeat_s=60, time_limit_s=100)
+    monitor.use_spans(suite_spans(["safeedit", "bias"]))
+    monitor.progress("eval-safeedit", 0.5)
+    assert round(get(session_factory, eval_job).progress, 3) == 0.25
+    monitor.progress("eval-bias", 0.5)
+    assert round(get(session_factory, eval_job).progress, 3) == 0.75

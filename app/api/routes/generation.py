@@ -18,6 +18,7 @@ from app.api.auth import Reader
 from app.api.errors import INTERNAL, UNAVAILABLE, ApiError
 from app.serving.errors import (
     EngineClosedError,
+    InvalidParameterError,
     ModelLoadError,
     OverloadedError,
     PromptTooLargeError,
@@ -73,6 +74,8 @@ class _ClientGone(Exception):
 def _api_error(exc: ServingError, prompt_param: str) -> ApiError:
     if isinstance(exc, UnknownModelError):
         return ApiError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, InvalidParameterError):
+        return ApiError(400, str(exc), param=exc.param, code="invalid_parameter")
     if isinstance(exc, PromptTooLongError):
         return ApiError(400, str(exc), param=prompt_param, code="context_length_exceeded")
     if isinstance(exc, PromptTooLargeError):

@@ -1,4 +1,5 @@
-"""/healthz (the process answers) and /readyz (database, broker and model are usable)."""
+"""/healthz (the process answers) and /readyz (database, broker and model are usable; under
+`detox up` also its worker process)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from fastapi.responses import JSONResponse
 
 from app.api.deps import BrokerDep, SettingsDep
 from app.api.errors import UNAVAILABLE, error_response
+from app.api.model_info import model_folder, model_name
 from app.api.schemas import CheckResult, Readiness
-from app.ml.demo import DEMO_NAME
 from app.settings import Settings
 from app.store.db import ping
 
@@ -36,6 +37,9 @@ def readyz(request: Request, settings: SettingsDep, broker: BrokerDep) -> JSONRe
         "broker": _check(lambda: broker.ping(BROKER_TIMEOUT_S), "reachable"),
         "model": model_check(settings),
     }
+    worker_check = getattr(request.app.state, "worker_check", None)
+    if worker_check is not None:  # `detox up`: its own worker, restarted when it dies
+        checks["worker"] = worker_check()
     body = {name: check.model_dump() for name, check in checks.items()}
     failed = [name for name, check in checks.items() if not check.ok]
     if not failed:
@@ -56,21 +60,23 @@ def _check(probe: Callable[[], object], ok_detail: str) -> CheckResult:
 
 
 def model_check(settings: Settings) -> CheckResult:
-    """The configured model can be loaded by a worker: no loading here, only where it comes from."""
+    """The configured model can be loaded by a worker: no loading here, only where it comes from.
+    The answer (which needs no key) names the model, never a path of this machine."""
     model = settings.model
+    name = model_name(settings)
     if model == "demo":
-        folder = Path(settings.cache_dir).expanduser() / "models" / DEMO_NAME
-        if (folder / "config.json").is_file():
-            return CheckResult(ok=True, detail=f"demo model converted at {folder}")
+        folder = model_folder(settings)
+        if folder is not None and (folder / "config.json").is_file():
+            return CheckResult(ok=True, detail=f"demo model {name}, converted")
         missing = [m for m in ("gguf", "pip") if importlib.util.find_spec(m) is None]
         if missing:
             return CheckResult(
                 ok=False, detail=f"demo model not converted and {', '.join(missing)} missing"
             )
-        return CheckResult(ok=True, detail="demo model is fetched and converted on first use")
+        return CheckResult(ok=True, detail=f"demo model {name}, fetched and converted on first use")
     path = Path(model).expanduser()
     if path.exists():
-        return CheckResult(ok=True, detail=f"local model at {path}")
+        return CheckResult(ok=True, detail=f"local model {name}")
     if model.startswith(("/", ".", "~")) or model.endswith(".gguf"):
-        return CheckResult(ok=False, detail=f"no model at {path}")
+        return CheckResult(ok=False, detail=f"no model {name!r} where DETOX_MODEL points")
     return CheckResult(ok=True, detail=f"hub id {model!r}, fetched by the worker")

@@ -16,8 +16,17 @@ from app.api.auth import RATE_LIMIT, Editor, EditorDep, Principal, Reader
 from app.api.broker import Broker
 from app.api.deps import BrokerDep, SessionDep, SettingsDep
 from app.api.errors import ApiError
+from app.api.model_info import layer_count, model_name
 from app.api.schemas import JobList, JobPublic, JobStatus
-from app.job_spec import JOB_EXAMPLES, AnyJob, EvalJobCreate, JobCreate, UnlearnJobCreate
+from app.job_spec import (
+    JOB_EXAMPLES,
+    AnyJob,
+    DinmJobCreate,
+    EvalJobCreate,
+    JobCreate,
+    UnlearnJobCreate,
+)
+from app.settings import Settings
 from app.store import crud
 from app.store.errors import NotFound
 from app.store.models import Job, Version
@@ -62,6 +71,7 @@ def submit_job(
             else:
                 response.headers["Idempotent-Replayed"] = "true"
             return JobPublic.from_row(crud.get_job(session=session, job_id=existing.id))
+    _check_against_model(job_in, settings)
     parent_id, spec = _prepare(session, job_in)
     _check_active_jobs(session, caller, settings.max_active_jobs_per_key)
     job, created = crud.create_job(
@@ -120,6 +130,28 @@ def _check_active_jobs(session: Session, caller: Principal, limit: int) -> None:
             code="too_many_active_jobs",
             headers={"Retry-After": str(ACTIVE_JOBS_RETRY_AFTER_S)},
         )
+
+
+def _check_against_model(job: AnyJob, settings: Settings) -> None:
+    """What the base model's config says cannot run (a layer it does not have): 422 now, not a
+    failed job later. Skipped when the config cannot be read here (the worker checks then,
+    before any expensive stage)."""
+    if isinstance(job, DinmJobCreate):
+        asked = [("params.layer", job.params.layer)] if job.params.layer is not None else []
+    elif isinstance(job, UnlearnJobCreate):
+        asked = [(f"params.layers[{i}]", n) for i, n in enumerate(job.params.layers or ())]
+    else:
+        return
+    layers = layer_count(settings) if asked else None
+    for param, layer in asked:
+        if layers is not None and layer >= layers:
+            raise ApiError(
+                422,
+                f"{param}: layer {layer} is out of range: the model {model_name(settings)} has "
+                f"layers 0..{layers - 1}",
+                param=param,
+                code="layer_out_of_range",
+            )
 
 
 def _prepare(session: Session, job: AnyJob) -> tuple[int | None, dict[str, Any]]:

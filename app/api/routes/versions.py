@@ -76,7 +76,9 @@ def retire_version(
     cascade: Annotated[bool, Query(description="retire its live descendants too")] = False,
 ) -> VersionList:
     """Retire a version (its rows stay; it leaves listings, "latest" and new jobs' parents).
-    A version with live children is refused (409) unless `cascade=true`."""
+    A version with live children is refused (409 `version_has_children`) unless `cascade=true`;
+    one that an arm of a running experiment serves (it, or with `cascade` any descendant) is
+    refused (409 `version_in_experiment`, naming the experiments): stop those first."""
     retired = crud.retire_version(session=session, name=name, cascade=cascade)
     publish_versions_changed(settings.resolved_broker_url())  # other API processes drop it now
     return _public(session, retired)

@@ -23,6 +23,10 @@ class JobPublic(BaseModel):
     metrics: dict[str, Any] | None
     error: dict[str, Any] | None
     attempts: int
+    cancel_requested: bool = Field(
+        description="a cancel was asked for: a running job stops at its next step, then ends "
+        "`cancelled` (or finishes first, when it was nearly done)"
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -40,6 +44,7 @@ class JobPublic(BaseModel):
             metrics=job.metrics,
             error=job.error,
             attempts=job.attempts,
+            cancel_requested=bool(job.cancel_requested),
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
