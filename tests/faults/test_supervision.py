@@ -19,15 +19,20 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.conftest import CASE, closed_port
+from tests.api.conftest import closed_port
 from tests.cli.servers import ROOT, _env
+from tests.instances import safeedit_instance
 from tests.services import AUTH
 
 pytestmark = pytest.mark.timeout(600)
 
 # A job that runs for minutes on the tiny model (with DETOX_MAX_NEW_TOKENS=32): thousands of
 # generations to judge.
-LONG_JOB = {"kind": "eval", "suites": ["safeedit"], "params": {"instances": [CASE] * 1000}}
+LONG_JOB = {
+    "kind": "eval",
+    "suites": ["safeedit"],
+    "params": {"instances": [safeedit_instance()] * 1000},
+}
 
 
 def _alive(pid: int) -> bool:
