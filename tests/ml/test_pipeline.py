@@ -32,7 +32,7 @@ def test_a_dinm_layer_the_model_lacks_fails_before_the_evaluation():
     judge = CountingJudge()
     with pytest.raises(InputError, match="layer 4 is out of range"):
         dinm_with_report(
-            lm, INSTANCE, DinmParams(layer=4, steps=1), judge=judge, max_new_tokens=2,
+            lm, [INSTANCE], DinmParams(layer=4, steps=1), judge=judge, max_new_tokens=2,
             progress=lambda stage, _f: stages.append(stage),
         )  # fmt: skip
     assert stages == [] and judge.calls == 0
@@ -53,7 +53,7 @@ def test_the_before_edit_evaluation_is_a_stage_from_its_start_with_progress_insi
     lm = tiny_model("llama")
     events: list[tuple[str, float]] = []
     dinm_with_report(
-        lm, INSTANCE, DinmParams(steps=1), judge=CountingJudge(), max_new_tokens=8,
+        lm, [INSTANCE], DinmParams(steps=1), judge=CountingJudge(), max_new_tokens=8,
         batch_size=16, progress=lambda stage, fraction: events.append((stage, fraction)),
     )  # fmt: skip
     assert events[0] == ("eval-before", 0.0)  # before its (only) generation batch
