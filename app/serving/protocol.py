@@ -83,7 +83,7 @@ def now() -> int:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: UnicodeStr = Field(
         description='"base", a version name, "latest", or "exp:<name>" (an experiment picks)'
@@ -206,11 +206,28 @@ class TextPart(BaseModel):
     text: UnicodeStr
 
 
+_CONTENT_KINDS = {"image_url": "image", "input_audio": "audio", "file": "file"}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        for part in value if isinstance(value, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                what = _CONTENT_KINDS.get(kind, kind)
+                raise PydanticCustomError(
+                    "unsupported_content",
+                    "{what} input is not supported: this server takes text parts only",
+                    {"what": what[:40]},
+                )
+        return value
 
     @field_validator("content")
     @classmethod
@@ -325,7 +342,7 @@ class ModelList(BaseModel):
 
 
 class AbRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: UnicodeStr | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
