@@ -85,7 +85,7 @@ def test_a_value_of_the_wrong_json_type_is_400_not_coerced(client, path, field, 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("logprobs", True), ("logprobs", 0), ("top_logprobs", 2), ("tools", [{"type": "function"}]),
+    [("tools", [{"type": "function"}]),
      ("tool_choice", "auto"), ("response_format", {"type": "json_object"}), ("echo", True),
      ("best_of", 3), ("suffix", "!"), ("audio", {}), ("made_up", 1)],
 )  # fmt: skip
@@ -109,6 +109,21 @@ def test_openai_parameters_asking_for_the_default_are_accepted(client, extra):
     body = {"model": "base", "max_tokens": 2, "messages": MESSAGES} | extra
     response = client.post("/v1/chat/completions", json=body, headers=AUTH)
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_logprobs_are_refused_with_stream_and_top_logprobs_needs_logprobs(client, path):
+    body = {"model": "base", "max_tokens": 2, "stream": True}
+    body |= {"prompt": "hi", "logprobs": 1} if path == "/v1/completions" else {
+        "messages": MESSAGES, "logprobs": True}  # fmt: skip
+    error = assert_error(client.post(path, json=body, headers=AUTH), 400, param="logprobs")
+    assert error["code"] == "unsupported_parameter" and "stream" in error["message"]
+    if path == "/v1/chat/completions":
+        body = {"model": "base", "messages": MESSAGES, "top_logprobs": 2}
+        assert_error(client.post(path, json=body, headers=AUTH), 422, param="top_logprobs")
+    else:
+        body = {"model": "base", "prompt": "hi", "top_logprobs": 2}  # chat's, not the legacy one
+        assert_error(client.post(path, json=body, headers=AUTH), 400, param="top_logprobs")
 
 
 def test_a_huge_but_valid_max_tokens_is_capped(client):
