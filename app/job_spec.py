@@ -261,7 +261,7 @@ class UnlearnJobCreate(BaseModel):
 class EvalParams(BaseModel):
     """What the suites run on; null: the packaged defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     limit: int | None = Field(
         None, ge=1, le=100_000, description="items per suite (pairs per bias type); null: all"

@@ -142,6 +142,20 @@ def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | N
     if not settings.auth:
         return ANONYMOUS
     if credentials is None or not credentials.credentials:
+        header = request.headers.get("authorization")
+        if header is not None and header.strip():  # sent, but not as `Bearer <key>`
+            scheme = header.split(None, 1)[0]
+            how = (
+                "no key after `Bearer`" if scheme.lower() == "bearer"
+                else f"the scheme is {scheme[:20]!r}" if " " in header.strip()
+                else "no scheme"
+            )  # fmt: skip
+            raise ApiError(
+                401,
+                f"malformed Authorization header ({how}): send `Authorization: Bearer <key>`",
+                type=AUTHENTICATION,
+                code="malformed_authorization",
+            )
         raise ApiError(
             401,
             "missing API key: send `Authorization: Bearer <key>`",

@@ -88,6 +88,15 @@ OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     first = first_problem(errors)
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if tuple(first.get("loc", ())) == ("body",) and not _is_json(media):
+        got = f"got {media[:60]!r}" if media else "none was sent"
+        return error_response(
+            415,
+            f"the body must be JSON: send `Content-Type: application/json` ({got})",
+            INVALID_REQUEST,
+            code="unsupported_media_type",
+        )
     param = field_path(first.get("loc", ()))
     code = first.get("type")
     if code == "json_invalid":
@@ -97,11 +106,15 @@ async def _on_validation(request: Request, exc: RequestValidationError) -> JSONR
     if request.url.path in OPENAI_PATHS:
         if code == "extra_forbidden":
             code, message = "unsupported_parameter", f"{param}: unknown parameter"
-        if code == "unsupported_parameter" or str(code).endswith("_type"):
+        if code in ("unsupported_parameter", "unsupported_content") or str(code).endswith("_type"):
             status = 400
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more)"
     return error_response(status, message, INVALID_REQUEST, param, code)
+
+
+def _is_json(media: str) -> bool:
+    return media == "application/json" or media.endswith("+json")
 
 
 async def _on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -110,10 +123,20 @@ async def _on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
     )
 
 
+# FastAPI's answer when parsing the body raised (JSON nested past Python's recursion limit).
+_UNPARSABLE = "There was an error parsing the body"
+
+
 async def _on_http(_request: Request, exc: HTTPException) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     headers = dict(exc.headers) if exc.headers else None
-    return error_response(exc.status_code, message, _status_type(exc.status_code), headers=headers)
+    code = None
+    if exc.status_code == 400 and message == _UNPARSABLE:
+        message = "the body could not be parsed: JSON nested too deeply, or not JSON at all"
+        code = "body_unparsable"
+    return error_response(
+        exc.status_code, message, _status_type(exc.status_code), code=code, headers=headers
+    )
 
 
 _STORE_ERRORS: dict[type[Exception], tuple[int, str, str]] = {

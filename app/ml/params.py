@@ -14,7 +14,7 @@ from app.ml.errors import InputError
 class Params(BaseModel):
     """Parameters given as a JSON object; `parse` turns the first problem into an InputError."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @classmethod
     def parse(cls, data: dict | None) -> Self:

@@ -20,7 +20,14 @@ import torch
 from transformers import DynamicCache
 
 from app.ml.models import LoadedModel
-from app.serving.sampling import Event, Failed, Finished, SamplingParams, TextDelta
+from app.serving.sampling import (
+    Event,
+    Failed,
+    Finished,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+)
 from app.serving.weights import BatchDeltaHooks, VersionWeights
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,7 @@ class _Row:
     generated: int = 0  # new tokens, end token included
     end: tuple[int, ...] = ()  # the end token, once one stopped the row
     emitted: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token in `tokens`
 
     def emit(self, event: Event) -> None:
         try:
@@ -88,6 +96,9 @@ def run_batch(
         while True:
             logits = out.logits[:, -1, :].float()
             chosen = [_choose(logits[i], row) for i, row in enumerate(rows)]
+            for i, row in enumerate(rows):
+                if row.request.params.logprobs is not None:
+                    row.logprobs.append(_logprob(logits[i], chosen[i], row.request.params.logprobs))
             cancelled += sum(1 for row in rows if row.request.cancelled.is_set())
             keep = [i for i, row in enumerate(rows) if _advance(lm, row, chosen[i], stop_ids)]
             if not keep:
@@ -145,6 +156,17 @@ def _choose(logits: torch.Tensor, row: _Row) -> int:
     return int(torch.multinomial(probs, 1, generator=row.generator))
 
 
+def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under the model's own distribution (no penalty, bias or
+    temperature), and the `top` likeliest tokens'."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]))
+        best = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), best)
+
+
 def _adjusted(logits: torch.Tensor, row: _Row) -> torch.Tensor:
     """The logits with OpenAI's logit_bias, presence and frequency penalties applied (on the
     tokens generated so far, the prompt's not counted)."""
@@ -195,7 +217,9 @@ def _finish(row: _Row, text: str, reason: str) -> bool:
         row.emit(TextDelta(text[len(row.emitted) :]))
     tokens = (*row.tokens, *row.end)
     prompt_tokens = len(row.request.prompt_ids)
-    row.emit(Finished(text, reason, prompt_tokens, row.generated, tokens, time.perf_counter()))
+    logprobs = tuple(row.logprobs[: len(row.tokens)])  # the end token's left out, as its text
+    row.emit(Finished(text, reason, prompt_tokens, row.generated, tokens, time.perf_counter(),
+                      logprobs))  # fmt: skip
     return False
 
 

@@ -184,6 +184,10 @@ class Engine:
             int(head.weight.shape[0]) if head is not None else int(self.lm.model.config.vocab_size)
         )
 
+    def token_text(self, token: int) -> str:
+        """One token as text (a piece of a character may show as U+FFFD, as with OpenAI)."""
+        return self.lm.tokenizer.decode([token])
+
     def encode_text(self, text: str) -> list[int]:
         return self.lm.tokenizer(text)["input_ids"]
 

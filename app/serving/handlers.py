@@ -32,16 +32,21 @@ from app.serving.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     ModelCard,
     ModelList,
+    TokenLogprob,
+    TopLogprob,
     Usage,
     new_id,
     now,
 )
 from app.serving.sampling import Event, Failed, Finished, TextDelta
+from app.serving.sampling import TokenLogprob as TokenLogprobEvent
 from app.serving.traffic import Route, ServedResponse, TrafficRouter
 
 if TYPE_CHECKING:
@@ -81,9 +86,12 @@ class OpenAIHandlers:
                 id=rid,
                 created=created,
                 model=target.name,
-                choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
+                choices=[CompletionChoice(
+                    text=result.text, finish_reason=result.finish_reason,
+                    logprobs=self._completion_logprobs(request, result),
+                )],
                 usage=Usage.of(result.prompt_tokens, result.completion_tokens),
-            )
+            )  # fmt: skip
 
         text = request.text()
         encode = partial(self.engine.encode_text, text)
@@ -92,17 +100,62 @@ class OpenAIHandlers:
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[str]:
         def respond(rid: str, created: int, target: Target, result: Finished) -> ChatCompletion:
             message = AssistantMessage(content=result.text)
+            choice = ChatChoice(
+                message=message,
+                finish_reason=result.finish_reason,
+                logprobs=self._chat_logprobs(request, result),
+            )
             return ChatCompletion(
                 id=rid,
                 created=created,
                 model=target.name,
-                choices=[ChatChoice(message=message, finish_reason=result.finish_reason)],
+                choices=[choice],
                 usage=Usage.of(result.prompt_tokens, result.completion_tokens),
             )
 
         encode = partial(self.engine.encode_chat, request.plain_messages())
         prompt = request.last_user_text()
         return await self._serve(request, encode, prompt, "chatcmpl", self._chat_stream, respond)
+
+    def _top(self, entry: TokenLogprobEvent) -> list[tuple[str, float]]:
+        return [(self.engine.token_text(t), lp) for t, lp in entry.top]
+
+    def _completion_logprobs(
+        self, request: CompletionRequest, result: Finished
+    ) -> CompletionLogprobs | None:
+        if request.wanted_logprobs() is None:
+            return None
+        tokens = [self.engine.token_text(e.token) for e in result.logprobs]
+        offsets, at = [], 0
+        for token in tokens:
+            offsets.append(at)
+            at += len(token)
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[e.logprob for e in result.logprobs],
+            top_logprobs=[dict(self._top(e)) for e in result.logprobs]
+            if request.logprobs
+            else None,
+            text_offset=offsets,
+        )
+
+    def _chat_logprobs(
+        self, request: ChatCompletionRequest, result: Finished
+    ) -> ChatLogprobs | None:
+        if request.wanted_logprobs() is None:
+            return None
+
+        def utf8(text: str) -> list[int]:
+            return list(text.encode("utf-8", errors="replace"))
+
+        content = []
+        for entry in result.logprobs:
+            text = self.engine.token_text(entry.token)
+            top = [TopLogprob(token=t, logprob=lp, bytes=utf8(t)) for t, lp in self._top(entry)]
+            content.append(
+                TokenLogprob(token=text, logprob=entry.logprob, bytes=utf8(text), top_logprobs=top)
+            )
+        return ChatLogprobs(content=content)
 
     async def _serve(self, request, encode, prompt: str, id_prefix: str, stream, respond):
         """Both endpoints' steps: route and resolve the model, tokenise, then stream the events

@@ -3,9 +3,10 @@
 Requests translate themselves into `SamplingParams` (`to_sampling_params`). Numbers and flags are
 strict JSON types (`"max_tokens": "5"` is refused, not read as 5). A parameter this server does
 not implement is refused with the error type `unsupported_parameter` naming it (the API answers
-400), unless it asks for what the server does anyway (`"logprobs": false`, `"response_format":
-{"type": "text"}`, ...) or is bookkeeping that changes no answer (`metadata`, `store`, ...);
-an unknown parameter is refused alike (`extra_forbidden`). `n` > 1 is refused (422).
+400), unless it asks for what the server does anyway (`"response_format": {"type": "text"}`,
+`"tool_choice": "none"`, ...) or is bookkeeping that changes no answer (`metadata`, `store`, ...);
+an unknown parameter is refused alike (`extra_forbidden`). `n` > 1 is refused (422). Log-
+probabilities (`logprobs`, chat's `top_logprobs`) come with whole answers, not with streams.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import (
     StrictBool,
     StrictFloat,
     StrictInt,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -36,6 +38,7 @@ MAX_STOPS = 4
 # Beyond any context window: larger is a mistake (422), smaller is capped by the server.
 MAX_TOKENS_FIELD = 1_000_000
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_TOP_LOGPROBS = 20
 Number = StrictFloat  # a JSON number (an integer too), never a string or a boolean
 
 
@@ -83,7 +86,7 @@ def now() -> int:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: UnicodeStr = Field(
         description='"base", a version name, "latest", or "exp:<name>" (an experiment picks)'
@@ -112,8 +115,6 @@ class _Request(BaseModel):
         None, description='added to the logits of the token ids given as keys: {"50256": -100}'
     )
     # OpenAI's, not implemented here: refused unless they ask for the default.
-    logprobs: _unsupported(False) = None
-    top_logprobs: _unsupported() = None
     tools: _unsupported() = None
     tool_choice: _unsupported("none") = None
     functions: _unsupported() = None
@@ -164,6 +165,10 @@ class _Request(BaseModel):
     def requested_tokens(self) -> int | None:
         return self.max_tokens
 
+    def wanted_logprobs(self) -> int | None:
+        """None: no log-probabilities; k: each token's, and the k likeliest alternatives."""
+        return None
+
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -174,6 +179,7 @@ class _Request(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
+            logprobs=self.wanted_logprobs(),
         )
 
     @property
@@ -187,8 +193,31 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+def _not_streamed(value: Any, wanted: bool, info: ValidationInfo) -> Any:
+    """Log-probabilities are given in whole answers only, not yet in streams."""
+    if wanted and info.data.get("stream"):
+        raise PydanticCustomError(
+            "unsupported_parameter", "not supported with stream (yet): ask without stream"
+        )
+    return value
+
+
 class CompletionRequest(_Request):
     prompt: str | list[str] = Field(description="one prompt (a list must hold exactly one)")
+    logprobs: StrictInt | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS,
+        description="the log-probability of each generated token and of the N likeliest "
+        "tokens at its place (the model's own distribution, before sampling settings)",
+    )  # fmt: skip
+    top_logprobs: _unsupported() = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs_not_streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return _not_streamed(value, value is not None, info)
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -206,11 +235,28 @@ class TextPart(BaseModel):
     text: UnicodeStr
 
 
+_CONTENT_KINDS = {"image_url": "image", "input_audio": "audio", "file": "file"}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        for part in value if isinstance(value, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                what = _CONTENT_KINDS.get(kind, kind)
+                raise PydanticCustomError(
+                    "unsupported_content",
+                    "{what} input is not supported: this server takes text parts only",
+                    {"what": what[:40]},
+                )
+        return value
 
     @field_validator("content")
     @classmethod
@@ -226,6 +272,29 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
+    logprobs: StrictBool = Field(
+        False,
+        description="the log-probability of each generated token (the model's own "
+        "distribution, before sampling settings)",
+    )
+    top_logprobs: StrictInt | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the N likeliest tokens too"
+    )
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs_not_streamed(cls, value: bool, info: ValidationInfo) -> bool:
+        return _not_streamed(value, value, info)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs set to true")
+        return value
+
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -253,11 +322,20 @@ class Usage(BaseModel):
         )
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: one entry per generated token, in order."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -274,11 +352,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -325,7 +417,7 @@ class ModelList(BaseModel):
 
 
 class AbRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: UnicodeStr | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)

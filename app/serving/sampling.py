@@ -15,6 +15,17 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: minus this on every token generated so far
     frequency_penalty: float = 0.0  # minus this times each token's count so far
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # None: none; k: each new token's and the k likeliest ones'
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (its raw distribution), and the
+    likeliest tokens at its place as (token id, log-probability), best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,7 @@ class Finished:
     completion_tokens: int
     token_ids: tuple[int, ...] = ()  # new tokens, the end token included when one stopped it
     finished_at: float = 0.0  # time.perf_counter() when the last token was taken
+    logprobs: tuple[TokenLogprob, ...] = ()  # asked for: one per token of `text` (end excluded)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ def test_every_route_refuses_a_missing_wrong_malformed_or_revoked_key(client):
     assert client.delete(f"/v1/keys/{revoked['id']}", headers=AUTH).status_code == 200
     callers = {
         "no key": ({}, "missing_api_key"),
-        "not bearer": ({"Authorization": f"Basic {ADMIN_KEY}"}, "missing_api_key"),
+        "not bearer": ({"Authorization": f"Basic {ADMIN_KEY}"}, "malformed_authorization"),
         "wrong key": (auth("dtx_" + "x" * 43), "invalid_api_key"),
         "revoked key": (auth(revoked["key"]), "invalid_api_key"),
     }

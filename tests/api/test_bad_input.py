@@ -85,7 +85,7 @@ def test_a_value_of_the_wrong_json_type_is_400_not_coerced(client, path, field, 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("logprobs", True), ("logprobs", 0), ("top_logprobs", 2), ("tools", [{"type": "function"}]),
+    [("tools", [{"type": "function"}]),
      ("tool_choice", "auto"), ("response_format", {"type": "json_object"}), ("echo", True),
      ("best_of", 3), ("suffix", "!"), ("audio", {}), ("made_up", 1)],
 )  # fmt: skip
@@ -109,6 +109,21 @@ def test_openai_parameters_asking_for_the_default_are_accepted(client, extra):
     body = {"model": "base", "max_tokens": 2, "messages": MESSAGES} | extra
     response = client.post("/v1/chat/completions", json=body, headers=AUTH)
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_logprobs_are_refused_with_stream_and_top_logprobs_needs_logprobs(client, path):
+    body = {"model": "base", "max_tokens": 2, "stream": True}
+    body |= {"prompt": "hi", "logprobs": 1} if path == "/v1/completions" else {
+        "messages": MESSAGES, "logprobs": True}  # fmt: skip
+    error = assert_error(client.post(path, json=body, headers=AUTH), 400, param="logprobs")
+    assert error["code"] == "unsupported_parameter" and "stream" in error["message"]
+    if path == "/v1/chat/completions":
+        body = {"model": "base", "messages": MESSAGES, "top_logprobs": 2}
+        assert_error(client.post(path, json=body, headers=AUTH), 422, param="top_logprobs")
+    else:
+        body = {"model": "base", "prompt": "hi", "top_logprobs": 2}  # chat's, not the legacy one
+        assert_error(client.post(path, json=body, headers=AUTH), 400, param="top_logprobs")
 
 
 def test_a_huge_but_valid_max_tokens_is_capped(client):
@@ -173,3 +188,66 @@ def test_a_logit_bias_beyond_the_vocabulary_is_400(client):
     body = COMPLETION | {"logit_bias": {"5": 100}, "max_tokens": 4, "temperature": 0}
     answer = client.post("/v1/completions", json=body, headers=AUTH).json()
     assert answer["choices"][0]["text"].split() == ["!"] * 4  # token 5 is "!"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/ab", "/v1/jobs"])
+@pytest.mark.parametrize(
+    ("content_type", "shown"),
+    [("text/plain", "got 'text/plain'"), ("application/x-www-form-urlencoded", "got"),
+     (None, "none was sent")],
+)  # fmt: skip
+def test_a_body_that_is_not_sent_as_json_is_415_saying_so(client, path, content_type, shown):
+    headers = AUTH | ({"Content-Type": content_type} if content_type else {})
+    response = client.post(path, content=json.dumps(COMPLETION).encode(), headers=headers)
+    error = assert_error(response, 415)
+    assert error["code"] == "unsupported_media_type", error
+    assert "Content-Type: application/json" in error["message"] and shown in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("part", "what"),
+    [({"type": "image_url", "image_url": {"url": "https://example.org/a.png"}}, "image"),
+     ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "audio")],
+)  # fmt: skip
+def test_a_non_text_content_part_is_400_naming_what_is_not_supported(client, part, what):
+    content = [{"type": "text", "text": "what is this?"}, part]
+    body = {"model": "base", "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
+    response = client.post("/v1/chat/completions", json=body, headers=AUTH)
+    error = assert_error(response, 400, param="messages[0].content")
+    assert error["code"] == "unsupported_content"
+    assert f"{what} input is not supported" in error["message"], error
+
+
+@pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity", "1e400"])
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [("/v1/completions", '{"model": "base", "prompt": "hi", "temperature": %s}', "temperature"),
+     ("/v1/ab", '{"prompt": "hi", "arms": ["base"], "top_p": %s}', "top_p"),
+     ("/v1/jobs", json.dumps(dinm_body(params={"lr": 0.1})).replace("0.1", "%s"), "params.lr"),
+     ("/v1/experiments", '{"name": "e1", "arms": [{"model": "base", "weight": %s}, '
+      '{"model": "other"}]}', "arms[0].weight")],
+)  # fmt: skip
+def test_a_number_that_is_not_finite_is_refused_as_such(client, raw, path, body, param):
+    response = client.post(path, content=(body % raw).encode(), headers=JSON)
+    error = assert_error(response, 422, param=param)
+    assert error["code"] == "finite_number" and "finite" in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("header", "how"),
+    [("Bearer", "no key after `Bearer`"), ("Bearer   ", "no key after `Bearer`"),
+     ("Basic dXNlcjpwYXNz", "the scheme is 'Basic'"), ("dtx_some-key", "no scheme")],
+)  # fmt: skip
+def test_a_malformed_authorization_header_is_named_as_such(client, header, how):
+    error = assert_error(client.get("/v1/versions", headers={"Authorization": header}), 401)
+    assert error["code"] == "malformed_authorization", error
+    assert how in error["message"] and "Bearer <key>" in error["message"], error
+    error = assert_error(client.get("/v1/versions"), 401)
+    assert error["code"] == "missing_api_key"
+
+
+def test_json_nested_too_deeply_is_400_saying_so(client):
+    deep = b'{"model": "base", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for path in ("/v1/chat/completions", "/v1/jobs"):
+        error = assert_error(client.post(path, content=deep, headers=JSON), 400)
+        assert error["code"] == "body_unparsable" and "nested too deeply" in error["message"]

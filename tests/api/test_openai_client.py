@@ -54,6 +54,24 @@ def test_openai_client_plain_and_streaming(base_url):
         client.chat.completions.create(model="nope", messages=messages)
     assert caught.value.body["param"] == "model"
 
+    # What the server does not do is refused by name, what it does is honoured.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="base", messages=messages, tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {}}}])  # fmt: skip
+    assert caught.value.body["param"] == "tools"
+    scored = client.chat.completions.create(
+        model="safe1", messages=messages, max_tokens=8, temperature=0, seed=1, logprobs=True,
+        top_logprobs=2, presence_penalty=0.0, frequency_penalty=0.0,
+    )  # fmt: skip
+    assert scored.choices[0].message.content == text
+    content = scored.choices[0].logprobs.content
+    assert len(content) >= 1 and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.logprob <= 0 and t.top_logprobs[0].logprob >= t.logprob for t in content)
+    legacy = client.completions.create(
+        model="base", prompt="Hello", max_tokens=5, temperature=0, logprobs=1
+    )
+    assert len(legacy.choices[0].logprobs.token_logprobs) == len(legacy.choices[0].logprobs.tokens)
+
 
 def test_openai_client_in_an_experiment(tmp_path):
     with live_server(tmp_path) as (url, app):

@@ -271,3 +271,25 @@ def test_penalties_and_logit_bias_match_a_plain_greedy_loop(sessions):
     assert results[0].token_ids != results[1].token_ids  # the penalties changed the answer
     assert 41 not in results[1].token_ids
     assert list(forced.token_ids) == [7] * 5  # sampling sees the bias too
+
+
+def test_logprobs_are_the_models_own_for_each_token_with_the_likeliest(sessions):
+    lm = tiny_model("llama")
+    engine = make_engine(lm, sessions)
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=3, logit_bias=((9, 0.5),))
+    try:
+        prompt = engine.encode_text("Tell me")
+        result = asyncio.run(engine.complete(prompt, engine.target("base"), params))
+    finally:
+        engine.close()
+    taken = [t for t in result.token_ids if t != lm.tokenizer.eos_token_id]
+    assert [e.token for e in result.logprobs] == taken
+    with torch.inference_mode():  # reference: a plain forward over prompt + answer, no cache
+        logits = lm.model(input_ids=torch.tensor([prompt + taken])).logits[0].float()
+    want = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(taken)], dim=-1)
+    for i, entry in enumerate(result.logprobs):
+        assert entry.logprob == pytest.approx(float(want[i, entry.token]), abs=1e-4)
+        assert len(entry.top) == 3
+        values, ids = want[i].topk(3)
+        assert [t for t, _ in entry.top] == ids.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-4)

@@ -285,6 +285,9 @@ def test_the_page_needs_no_key_and_every_api_call_sends_the_one_given(browser, s
     browser.get(f"{service.url}/ui#/versions")  # now without a key: it asks for one, calls nothing
     notice = one(browser, "#main[data-page=versions] .notice")
     assert "Enter an API key" in text(notice)
+    assert "`" not in text(notice)  # commands are set as code, not as literal backticks
+    commands = [c.text for c in notice.find_elements(By.CSS_SELECTOR, "code")]
+    assert commands == ["detox up", "detox keys create NAME --role reader"], commands
     requests, statuses = _network(browser)
     assert not [r for r in requests if _path(r["url"]).startswith("/v1/")]
     assets = [r for r in requests if _path(r["url"]).startswith("/ui")]

@@ -17,7 +17,7 @@ MAX_FEEDBACK = 1e6
 
 
 class ArmSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(
         min_length=1, max_length=64, description='"base", a live version, or "latest" (pinned)'
@@ -26,7 +26,7 @@ class ArmSpec(BaseModel):
 
 
 class ExperimentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(pattern=f"^{NAME_PATTERN}$", description='routed to as model "exp:<name>"')
     arms: list[ArmSpec] = Field(min_length=2, max_length=MAX_ARMS)
@@ -85,7 +85,7 @@ class ExperimentList(BaseModel):
 
 
 class ExperimentStop(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     winner: str | None = Field(
         None, max_length=64, description="an arm's model to serve all traffic; default: base"
@@ -93,7 +93,7 @@ class ExperimentStop(BaseModel):
 
 
 class Feedback(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     response_id: str = Field(min_length=1, max_length=64, description="the response's `id`")
     score: float = Field(

@@ -53,8 +53,10 @@ function keyNotice() {
     h(
       "p",
       { class: "muted" },
-      "`detox up` prints an admin key on its first start; `detox keys create NAME --role ",
-      "reader` makes more. The key stays in this browser.",
+      h("code", null, "detox up"),
+      " prints an admin key on its first start; ",
+      h("code", null, "detox keys create NAME --role reader"),
+      " makes more. The key stays in this browser.",
     ),
     h(
       "button",
