@@ -128,7 +128,7 @@ class Delta:
                 f"expected {sha256[:16]}... (corrupt or altered delta)"
             )
         try:
-            metadata = _read_metadata(data)
+            metadata = read_metadata(data)
             tensors = st_load(data)
             encodings = json.loads(metadata.pop("encodings"))
         except (ValueError, KeyError, struct.error) as exc:
@@ -150,7 +150,8 @@ def checksum(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _read_metadata(data: bytes) -> dict[str, str]:
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of safetensors bytes (their header is 8 bytes of length, then JSON)."""
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])
     return dict(header.get("__metadata__") or {})

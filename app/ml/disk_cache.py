@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
+
+from app.ml.deltas import read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,8 @@ def load_tensor(directory: Path, key: str) -> torch.Tensor | None:
         return None
     try:
         tensors = load(data)
-        metadata = _metadata(data)
-    except (SafetensorError, ValueError, KeyError) as exc:
+        metadata = read_metadata(data)
+    except (SafetensorError, ValueError, KeyError, struct.error) as exc:
         log.warning("disk cache: %s is unreadable (%s); rebuilding it", path, exc)
         return None
     if metadata.get("key") != key or set(tensors) != {"value"}:
@@ -73,8 +76,3 @@ def save_tensor(directory: Path, key: str, value: torch.Tensor) -> None:
         os.replace(tmp.name, directory / f"{key}.safetensors")
     except OSError as exc:
         log.warning("disk cache: cannot write to %s: %s", directory, exc)
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    length = int.from_bytes(data[:8], "little")
-    return dict(json.loads(data[8 : 8 + length]).get("__metadata__") or {})

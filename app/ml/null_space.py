@@ -100,16 +100,17 @@ def benign_directions(
     prompts = tuple(ids_key(pair.input_ids) for pair in pairs)
 
     def compute() -> torch.Tensor:
-        if lm.cache_dir is None:
-            return benign_basis(benign_inputs(lm, module, pairs), energy).float().to(lm.device)
-        facts = {"value": "benign-basis", "layer": layer, "energy": energy, "prompts": prompts,
-                 "device": lm.device.type, "dtype": str(lm.dtype)}  # fmt: skip
-        disk_key = content_key(lm.model, independent, **facts)
-        kept = load_tensor(lm.cache_dir, disk_key)
-        if kept is not None and _fits(kept, lm, module):
-            return kept.to(lm.device)
+        disk_key = None
+        if lm.cache_dir is not None:
+            facts = {"value": "benign-basis", "layer": layer, "energy": energy, "prompts": prompts,
+                     "device": lm.device.type, "dtype": str(lm.dtype)}  # fmt: skip
+            disk_key = content_key(lm.model, independent, **facts)
+            kept = load_tensor(lm.cache_dir, disk_key)
+            if kept is not None and _fits(kept, lm, module):
+                return kept.to(lm.device)
         basis = benign_basis(benign_inputs(lm, module, pairs), energy).float()
-        save_tensor(lm.cache_dir, disk_key, basis)
+        if disk_key is not None:
+            save_tensor(lm.cache_dir, disk_key, basis)
         return basis.to(lm.device)
 
     return _BASES.get(lm.model, key, (layer, energy, str(lm.device), hash(prompts)), compute)
