@@ -151,6 +151,15 @@ def _field_error(loc: tuple[str, ...], message: str, data: Any) -> ValidationErr
     return ValidationError.from_exception_data("job", [{"type": error, "loc": loc, "input": data}])
 
 
+def _one_of(job: BaseModel, data: Any, first: str, second: str, *, missing: str = "") -> None:
+    """Refuse both fields given (named at `second`), and neither when `missing` says why."""
+    given = [getattr(job, name) is not None for name in (first, second)]
+    if missing and not any(given):
+        raise _field_error((first,), missing, data)
+    if all(given):
+        raise _field_error((second,), f"give either {first} or {second}, not both", data)
+
+
 def _version_name(name: str | None) -> str | None:
     return None if name is None else crud.check_version_name(name)
 
@@ -187,10 +196,9 @@ class DinmJobCreate(BaseModel):
     @classmethod
     def _one_of_instance_or_instances(cls, data: Any, handler: Any) -> DinmJobCreate:
         job = handler(data)
-        if job.instance is None and job.instances is None:
-            raise _field_error(("instance",), "give a SafeEdit instance, or instances", data)
-        if job.instance is not None and job.instances is not None:
-            raise _field_error(("instances",), "give either instance or instances, not both", data)
+        _one_of(
+            job, data, "instance", "instances", missing="give a SafeEdit instance, or instances"
+        )
         return job
 
     def all_instances(self) -> list[SafeEditInstance]:
@@ -241,14 +249,10 @@ class UnlearnJobCreate(BaseModel):
     @classmethod
     def _one_source_each(cls, data: Any, handler: Any) -> UnlearnJobCreate:
         job = handler(data)
-        if job.forget is None and job.corpus_id is None:
-            raise _field_error(("forget",), "give the documents to forget, or a corpus_id", data)
-        if job.forget is not None and job.corpus_id is not None:
-            raise _field_error(("corpus_id",), "give either forget or corpus_id, not both", data)
-        if job.retain is not None and job.retain_corpus_id is not None:
-            raise _field_error(
-                ("retain_corpus_id",), "give either retain or retain_corpus_id, not both", data
-            )
+        _one_of(
+            job, data, "forget", "corpus_id", missing="give the documents to forget, or a corpus_id"
+        )
+        _one_of(job, data, "retain", "retain_corpus_id")
         return job
 
     def spec(self, *, corpus_id: str | None, retain_corpus_id: str | None) -> dict[str, Any]:
