@@ -25,8 +25,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     judge: str = Field(
         "offline",
-        description='"offline" (the newest offline judge, reported as "offline/2"), "offline/1" '
-        'or "hf:<model id or path>"',
+        description='"offline" (the newest offline judge, reported as "offline/3"), "offline/2", '
+        '"offline/1" or "hf:<model id or path>"',
     )
     max_new_tokens: int = Field(64, ge=1, le=4096, description="evaluation generation length")
     eval_batch_size: int = Field(8, ge=1, le=256)

@@ -2,11 +2,12 @@
 
 XSTest (Röttger et al., NAACL 2024; CC BY 4.0) publishes chat models' completions of its prompts,
 each labelled by people as full compliance, full refusal or partial refusal (a refusal is full or
-partial). For each model, leave-one-model-out: offline/2's refusal detector is trained on the
-other models' completions (`app.ml.refusal_training.train`, as `scripts/build_judge.py` trains the
-shipped one on all of them) and scored on this model's; offline/1 (the hand-written cues) and
-XSTest's own string-match rule are scored on the same completions. The shipped detector, trained
-on every file, is shown on them too (in-sample: not a measure of generalisation).
+partial). For each model, leave-one-model-out: the refusal detectors of offline/3 (the newest)
+and offline/2 are trained on the other models' completions (`app.ml.refusal_training.train`, as
+`scripts/build_judge.py` trains the shipped ones on all of them) and scored on this model's;
+offline/1 (the hand-written cues) and XSTest's own string-match rule are scored on the same
+completions. The shipped offline/3 detector, trained on every file, is shown on them too
+(in-sample: not a measure of generalisation).
 
     .venv/bin/python bench/judge.py                  # ../shared/data/xstest
     .venv/bin/python bench/judge.py --data DIR       # a folder of labelled_<model>.csv files
@@ -20,8 +21,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from app.ml.judge_names import OFFLINE_V2, OFFLINE_V3
 from app.ml.judges import is_refusal_v1
-from app.ml.refusal import MODEL_PATH, model_from_json
+from app.ml.refusal import MODEL_PATHS, model_from_json
 from app.ml.refusal_training import Agreement, Example, read_xstest, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     data = read_xstest(args.data)
     started = time.perf_counter()
-    shipped = model_from_json(json.loads(MODEL_PATH.read_text(encoding="utf-8")))
+    shipped_path = MODEL_PATHS[OFFLINE_V3]
+    shipped = model_from_json(json.loads(shipped_path.read_text(encoding="utf-8")), OFFLINE_V3)
     load_s = time.perf_counter() - started
 
     header = "| held-out model: judge | n | accuracy % | refusal precision | refusal recall |"
@@ -62,11 +65,14 @@ def main() -> None:
     print("|---|---|---|---|---|")
     pooled: dict[str, list[tuple[bool, bool]]] = {}
     for held_out, examples in data.items():
+        others = [e for name, rows in data.items() if name != held_out for e in rows]
         started = time.perf_counter()
-        model = train([e for name, rows in data.items() if name != held_out for e in rows])
+        model = train(others, OFFLINE_V3)
         seconds = time.perf_counter() - started
+        model_v2 = train(others, OFFLINE_V2)
         judges: dict[str, Callable[[str], bool]] = {
-            "offline/2, trained without it": lambda text, m=model: m.verdict(text)[0],
+            "offline/3, trained without it": lambda text, m=model: m.verdict(text)[0],
+            "offline/2, trained without it": lambda text, m=model_v2: m.verdict(text)[0],
             "offline/1": is_refusal_v1,
             "XSTest string match": string_match,
         }
@@ -74,7 +80,7 @@ def main() -> None:
             print(_row(f"{held_out}: {name}", judge, examples))
             pooled.setdefault(name, []).extend((judge(e.response), e.refused) for e in examples)
         in_sample = _row(
-            f"{held_out}: shipped offline/2 (in-sample)", lambda t: shipped.verdict(t)[0], examples
+            f"{held_out}: shipped offline/3 (in-sample)", lambda t: shipped.verdict(t)[0], examples
         )
         print(in_sample)
         print(f"<!-- fold {held_out}: trained in {seconds:.1f} s, {len(model.weights)} weights -->")
@@ -84,9 +90,10 @@ def main() -> None:
             f"| all {a.n}: {name} | {a.n} | {100 * a.accuracy:.1f} | {a.precision:.3f} | "
             f"{a.recall:.3f} |"
         )
-    size = MODEL_PATH.stat().st_size
+    size = shipped_path.stat().st_size
     print(
-        f"\nshipped model: {MODEL_PATH.name}, {size} bytes, {len(shipped.weights)} weights, "
+        f"\nshipped offline/3 model: {shipped_path.name}, {size} bytes, "
+        f"{len(shipped.weights)} weights, "
         f"read and checked in {1000 * load_s:.0f} ms; data {args.data}"
     )
 

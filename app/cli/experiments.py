@@ -47,7 +47,7 @@ def create(
         str,
         typer.Option(
             help='"service" (the server\'s judge), "offline" (the newest offline judge, stored '
-            'as "offline/2"), "offline/1" or "none"'
+            'as "offline/3"), "offline/2", "offline/1" or "none"'
         ),
     ] = "service",
     keep_text: Annotated[

@@ -31,7 +31,8 @@ def judge(
     judge: Annotated[
         str | None,
         typer.Option(
-            "--judge", help='"offline" (the newest: offline/2), "offline/1" or "hf:<model id>"'
+            "--judge",
+            help='"offline" (the newest: offline/3), "offline/2", "offline/1" or "hf:<model id>"',
         ),
     ] = None,
     as_json: Annotated[

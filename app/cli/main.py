@@ -40,7 +40,10 @@ ModelOpt = Annotated[
 ]
 JudgeOpt = Annotated[
     str | None,
-    typer.Option(help='"offline" (the newest: offline/2), "offline/1" or "hf:<model id or path>"'),
+    typer.Option(
+        help='"offline" (the newest: offline/3), "offline/2", "offline/1" or '
+        '"hf:<model id or path>"'
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print only the JSON report on stdout")]
 TokensOpt = Annotated[int | None, typer.Option(help="new tokens per evaluated answer")]

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # DETOX_JUDGE, an offline judge ("offline": the newest, stored as its versioned name), or none
-JudgeName = Literal["service", "offline", "offline/1", "offline/2", "none"]
+JudgeName = Literal["service", "offline", "offline/1", "offline/2", "offline/3", "none"]
 BATCH = 32
 
 VerdictFn = Callable[[str, Sequence[str], Sequence[str]], "list[Verdict]"]
@@ -45,9 +45,9 @@ class Served:
 
 def verdicts_via(engine: Callable[[], Engine]) -> VerdictFn:
     """Judging for the recorder: an offline judge here, on the recorder's thread (no torch),
-    the version the experiment names ("offline/1", "offline/2"; "offline", stored before the
-    versions, is the newest); "service" by the engine's configured judge (DETOX_JUDGE), on the
-    engine's compute thread."""
+    the version the experiment names ("offline/1", "offline/2", "offline/3"; "offline", stored
+    before the versions, is the newest); "service" by the engine's configured judge
+    (DETOX_JUDGE), on the engine's compute thread."""
     offline: dict[str, Judge] = {}
 
     def verdicts(judge: str, prompts: Sequence[str], texts: Sequence[str]) -> list[Verdict]:

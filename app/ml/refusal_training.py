@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from app.ml.errors import InputError
-from app.ml.refusal import TEMPERATURE, RefusalModel, lexicon_sha256, sentence_features
+from app.ml.refusal import FEATURES, LATEST, TEMPERATURE, Features, RefusalModel
 
 C = 1.0  # inverse L2 strength
 MAX_ITERATIONS = 400
@@ -92,8 +92,8 @@ def read_xstest(folder: Path) -> dict[str, list[Example]]:
 class _Problem:
     """The examples as index arrays: each sentence's features, each sentence's response."""
 
-    def __init__(self, examples: Sequence[Example]):
-        per_example = [sentence_features(e.response) for e in examples]
+    def __init__(self, examples: Sequence[Example], features: Features):
+        per_example = [features.of(e.response) for e in examples]
         self.vocabulary = sorted({f for sentences in per_example for s in sentences for f in s})
         index = {f: i for i, f in enumerate(self.vocabulary)}
         rows, cols, owner = [], [], []
@@ -168,49 +168,54 @@ def _lbfgs(problem: _Problem, size: int, *, memory: int = 10) -> np.ndarray:
     return x
 
 
-def train(examples: Sequence[Example]) -> RefusalModel:
-    """Weights fitted on `examples`, rounded as shipped (features with weight 0 left out)."""
+def train(examples: Sequence[Example], judge: str = LATEST) -> RefusalModel:
+    """Weights of judge version `judge`'s detector fitted on `examples`, rounded as shipped
+    (features with weight 0 left out)."""
     if not examples:
         raise InputError("no labelled examples to train on")
-    problem = _Problem(examples)
+    features = FEATURES[judge]
+    problem = _Problem(examples, features)
     params = _lbfgs(problem, len(problem.vocabulary) + 1)
     weights = {}
     for feature, weight in zip(problem.vocabulary, params[:-1].tolist(), strict=True):
         rounded = round(weight, DECIMALS)
         if rounded != 0.0:
             weights[feature] = rounded + 0.0  # no negative zero
-    return RefusalModel(weights=weights, bias=round(float(params[-1]), DECIMALS) + 0.0)
+    bias = round(float(params[-1]), DECIMALS) + 0.0
+    return RefusalModel(weights=weights, bias=bias, features=features)
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def artefact(model: RefusalModel, *, files: dict[str, Path], examples: int, refusals: int) -> str:
-    """The shipped JSON text of `model`, built from `files` (sorted keys, one weight a line)."""
+def artefact(
+    model: RefusalModel, judge: str, *, files: dict[str, Path], examples: int, refusals: int
+) -> str:
+    """The shipped JSON text of judge version `judge`'s `model`, built from `files` (sorted keys,
+    one weight a line)."""
     data = {
-        "judge": "offline/2",
+        "judge": judge,
         "what": "weights of app/ml/refusal.py's refusal detector; rebuild: scripts/build_judge.py",
         "source": SOURCE,
         "files": {path.name: _sha256(path) for path in files.values()},
         "examples": examples,
         "refusals": refusals,
         "C": C,
-        "lexicon_sha256": lexicon_sha256(),
+        "lexicon_sha256": model.features.sha256(),
         "bias": model.bias,
         "weights": dict(sorted(model.weights.items())),
     }
     return json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def build(folder: Path) -> str:
-    """The artefact text trained on every labelled file of `folder`."""
+def build(folder: Path, judge: str = LATEST) -> str:
+    """The artefact text of judge version `judge`, trained on every labelled file of `folder`."""
     files = labelled_files(folder)
     examples = [e for model, path in files.items() for e in read_labelled(path, model)]
-    model = train(examples)
-    return artefact(
-        model, files=files, examples=len(examples), refusals=sum(e.refused for e in examples)
-    )
+    model = train(examples, judge)
+    refusals = sum(e.refused for e in examples)
+    return artefact(model, judge, files=files, examples=len(examples), refusals=refusals)
 
 
 @dataclass(frozen=True)

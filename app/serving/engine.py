@@ -300,19 +300,17 @@ class Engine:
 
     # -- judge and life cycle --------------------------------------------------------------
 
-    def judge(self, prompts: Sequence[str], texts: Sequence[str]) -> tuple[str, list[float]]:
-        """(judge name, unsafe score per text), computed on the compute thread; blocks."""
-        name, verdicts = self.verdicts(prompts, texts)
-        return name, [v.score for v in verdicts]
-
-    def verdicts(self, prompts: Sequence[str], texts: Sequence[str]) -> tuple[str, list[Verdict]]:
-        """(judge name, the configured judge's verdict per text), on the compute thread; blocks.
+    def verdicts(
+        self, prompts: Sequence[str], texts: Sequence[str], *, harmful: bool = True
+    ) -> tuple[str, list[Verdict]]:
+        """(judge name, the configured judge's verdict per text, the prompts judged as harmful
+        requests or, with `harmful=False`, as everyday ones), on the compute thread; blocks.
         A judge that fails to load is tried again next time."""
 
         def judge() -> tuple[str, list[Verdict]]:
             if self._judge is None:
                 self._judge = self._judge_loader()
-            return self._judge.name, self._judge.judge(list(prompts), list(texts))
+            return self._judge.name, self._judge.judge(list(prompts), list(texts), harmful=harmful)
 
         return self._batcher.call(judge)
 

@@ -50,6 +50,7 @@ from app.serving.sampling import TokenLogprob as TokenLogprobEvent
 from app.serving.traffic import Route, ServedResponse, TrafficRouter
 
 if TYPE_CHECKING:
+    from app.ml.judges import Verdict
     from app.serving.engine import Engine, Target
 
 DONE = "data: [DONE]\n\n"
@@ -285,24 +286,25 @@ class OpenAIHandlers:
         params = request.to_sampling_params(self.engine.token_budget(ids, request.max_tokens))
         start = time.perf_counter()
         results = await self.engine.complete_together([(ids, t, params) for t in targets])
-        scores: list[float | None] = [None] * len(results)
+        verdicts: list[Verdict | None] = [None] * len(results)
         judge_name = None
         if request.judge:
             prompts = [request.judged_prompt()] * len(results)
-            judge_name, raw_scores = await asyncio.to_thread(
-                self.engine.judge, prompts, [r.text for r in results]
+            judge_name, judged = await asyncio.to_thread(
+                self.engine.verdicts, prompts, [r.text for r in results], harmful=request.harmful
             )
-            scores = [round(score, 4) for score in raw_scores]
+            verdicts = list(judged)
         arms = [
             AbArm(
                 model=target.name,
                 text=result.text,
-                unsafe_score=score,
+                unsafe_score=None if verdict is None else round(verdict.score, 4),
+                refused=None if verdict is None else verdict.refused,
                 latency_ms=round(max(0.0, result.finished_at - start) * 1000, 1),
                 finish_reason=result.finish_reason,
                 usage=Usage.of(result.prompt_tokens, result.completion_tokens),
             )
-            for target, result, score in zip(targets, results, scores, strict=True)
+            for target, result, verdict in zip(targets, results, verdicts, strict=True)
         ]
         return AbResponse(arms=arms, judge=judge_name)
 

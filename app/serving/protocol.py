@@ -427,6 +427,11 @@ class AbRequest(BaseModel):
     top_p: Number = Field(1.0, gt=0, le=1)
     seed: StrictInt | None = None
     judge: StrictBool = Field(True, description="score each arm's text with the configured judge")
+    harmful: StrictBool = Field(
+        True,
+        description="judge the prompt as a harmful request (unsafe: not declined) or, with "
+        "false, as an everyday one (unsafe: refused, i.e. over-refusal)",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> AbRequest:
@@ -451,6 +456,7 @@ class AbArm(BaseModel):
     model: str
     text: str
     unsafe_score: float | None
+    refused: bool | None = Field(None, description="the judge's refusal verdict (null: not judged)")
     latency_ms: float
     finish_reason: str
     usage: Usage

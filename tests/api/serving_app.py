@@ -67,12 +67,13 @@ def serving_store(tmp_path: Path, **settings: Any) -> Iterator[ServingStore]:
         engine.dispose()
 
 
-def tiny_app(store: ServingStore, lm: LoadedModel) -> FastAPI:
-    """The app, its engine built around `lm` (the store's versions, the stand-in judge)."""
+def tiny_app(store: ServingStore, lm: LoadedModel, judge_loader: Any = LengthJudge) -> FastAPI:
+    """The app, its engine built around `lm` (the store's versions, the stand-in judge unless
+    another is given)."""
     settings = store.settings
 
     def factory(sessions: Any) -> Engine:
-        return build_engine(settings, sessions, lm=lm, judge_loader=LengthJudge)
+        return build_engine(settings, sessions, lm=lm, judge_loader=judge_loader)
 
     return create_app(settings, engine_factory=factory)
 

@@ -149,7 +149,7 @@ def test_a_user_keeps_one_arm_and_the_split_follows_the_weights(api):
 
 def test_outcomes_are_judged_and_results_match_a_reference(api):
     made = create(api, judge="offline")
-    assert made["judge"] == "offline/2"  # "offline" is stored as the version it means now
+    assert made["judge"] == "offline/3"  # "offline" is stored as the version it means now
     ids = [chat(api, f"u{i}")["id"] for i in range(16)]
     ids.append(_stream_id(api, "u-stream"))
     settle(api, ids)

@@ -57,13 +57,13 @@ def test_json_is_one_verdict_per_line_in_order(responses):
         assert verdict["refused"] is refused and verdict["unsafe"] is unsafe
         assert isinstance(verdict["score"], float) and 0.0 <= verdict["score"] <= 1.0
         assert (verdict["score"] >= 0.5) == verdict["unsafe"]
-    assert "offline/2" in stderr and "5 responses" in stderr  # the summary, named by version
+    assert "offline/3" in stderr and "5 responses" in stderr  # the summary, named by version
 
 
 def test_the_table_names_the_judge_and_every_line(responses):
     code, stdout, _ = run("judge", responses)
     assert code == 0
-    assert "judge offline/2" in stdout and "3 refused, 2 unsafe" in stdout
+    assert "judge offline/3" in stdout and "3 refused, 2 unsafe" in stdout
     assert "Paris." in stdout and "harmful" in stdout and "benign" in stdout
 
 

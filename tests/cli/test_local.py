@@ -40,7 +40,7 @@ def test_dinm_json_report_and_outputs(model_dir, cases, tmp_path):
     )
     assert code == 0
     report = json.loads(stdout)  # stdout carries only the report
-    assert report["case"] == CASE_ID and report["judge"] == "offline/2"  # the versioned name
+    assert report["case"] == CASE_ID and report["judge"] == "offline/3"  # the versioned name
     assert 0 <= report["layer"] < 4 and len(report["losses"]) == 2
     assert set(report["metrics"]["before"]) >= {"DS", "DG_onlyQ", "fluency"}
     assert "locality" in report["metrics"]["after"]

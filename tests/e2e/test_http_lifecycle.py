@@ -107,7 +107,7 @@ def test_a_dinm_job_on_the_demo_model_detoxifies_its_instance(tmp_path: Path):
         metrics = client.get_version("demo-v1")["metrics"]
         assert metrics["metrics"]["before"]["DS"] == 0.0
         assert metrics["metrics"]["after"]["DS"] == 100.0
-        assert metrics["judge"] == "offline/2" and len(metrics["losses"]) == 10
+        assert metrics["judge"] == "offline/3" and len(metrics["losses"]) == 10
     finally:
         svc.stop()
 

@@ -1,13 +1,12 @@
-"""The offline/2 refusal detector: agreement with XSTest's people on a labelled sample of each of
-the three files (tests/data/xstest, CC BY 4.0), the reproducibility of the shipped model, and its
-safeguards. The measurement is bench/judge.py, on the full files."""
+"""The refusal detectors of offline/3 and offline/2: agreement with XSTest's people on a labelled
+sample of each of the three files (tests/data/xstest, CC BY 4.0), the reproducibility of the
+shipped models, and their safeguards. The measurement is bench/judge.py, on the full files."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from app.ml import refusal
 from app.ml.errors import DetoxError
 from app.ml.judges import is_refusal_v1
-from app.ml.refusal import MODEL_PATH, model_from_json, shipped_model
+from app.ml.refusal import MODEL_PATHS, model_from_json, shipped_model
 from app.ml.refusal_training import Agreement, build, read_xstest, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,8 +34,9 @@ def test_the_sample_has_each_model_and_both_verdicts(sample):
         assert 5 <= sum(e.refused for e in examples) <= len(examples) - 5
 
 
-def test_offline_2_agrees_with_people_on_the_sample_of_each_file(sample):
-    model = shipped_model()
+@pytest.mark.parametrize("judge", ["offline/3", "offline/2"])
+def test_the_detector_agrees_with_people_on_the_sample_of_each_file(sample, judge):
+    model = shipped_model(judge)
     ours, old = [], []
     for name, examples in sample.items():
         people = [e.refused for e in examples]
@@ -47,10 +47,12 @@ def test_offline_2_agrees_with_people_on_the_sample_of_each_file(sample):
     assert sum(ours) > sum(old)  # and better than offline/1 on them
 
 
-def test_trained_without_a_model_it_still_finds_its_refusals(sample):
+@pytest.mark.parametrize("judge", ["offline/3", "offline/2"])
+def test_trained_without_a_model_it_still_finds_its_refusals(sample, judge):
     """Leave one model out on the sample: the training path generalises to another model."""
     for held_out in sample:
-        model = train([e for name, rows in sample.items() if name != held_out for e in rows])
+        others = [e for name, rows in sample.items() if name != held_out for e in rows]
+        model = train(others, judge)
         examples = sample[held_out]
         agreement = Agreement.of(
             [model.verdict(e.response)[0] for e in examples], [e.refused for e in examples]
@@ -60,31 +62,38 @@ def test_trained_without_a_model_it_still_finds_its_refusals(sample):
 
 def test_training_is_deterministic():
     assert build(SAMPLE) == build(SAMPLE)
+    assert build(SAMPLE, "offline/2") != build(SAMPLE, "offline/3")  # two feature sets
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"XSTest's full files are not at {SHARED}")
-def test_the_build_script_rebuilds_the_shipped_model_byte_for_byte(tmp_path):
+@pytest.mark.parametrize("judge", ["offline/3", "offline/2"])
+def test_the_build_script_rebuilds_the_shipped_model_byte_for_byte(tmp_path, judge):
     out = tmp_path / "refusal_model.json"
     script = ROOT / "scripts" / "build_judge.py"
-    subprocess.run([sys.executable, str(script), str(SHARED), "--out", str(out)], check=True)
-    assert out.read_bytes() == MODEL_PATH.read_bytes()
-    check = [sys.executable, str(script), "--check"]  # the default data folder: the same files
+    build_one = [sys.executable, str(script), str(SHARED), "--judge", judge, "--out", str(out)]
+    subprocess.run(build_one, check=True)
+    assert out.read_bytes() == MODEL_PATHS[judge].read_bytes()
+    assert json.loads(out.read_text())["judge"] == judge
+    check = [sys.executable, str(script), "--check"]  # every version, from the default folder
     assert subprocess.run(check, capture_output=True).returncode == 0
 
 
-def test_the_shipped_model_is_small_and_loads_fast():
-    assert MODEL_PATH.stat().st_size < 200_000
-    started = time.perf_counter()
-    model = model_from_json(json.loads(MODEL_PATH.read_text(encoding="utf-8")))
-    assert time.perf_counter() - started < 0.5
-    assert len(model.weights) > 100
+@pytest.mark.parametrize("judge", ["offline/3", "offline/2"])
+def test_the_shipped_model_is_small(judge):
+    """Small enough to read in a millisecond or two (bench/judge.py prints the time)."""
+    path = MODEL_PATHS[judge]
+    assert path.stat().st_size < 200_000
+    model = model_from_json(json.loads(path.read_text(encoding="utf-8")), judge)
+    assert 100 < len(model.weights) < 5000
 
 
 def test_a_model_built_with_another_lexicon_is_refused(monkeypatch):
-    data = json.loads(MODEL_PATH.read_text(encoding="utf-8"))
-    monkeypatch.setitem(refusal.LEXICON, "AI", ("ai",))
+    data = json.loads(MODEL_PATHS["offline/3"].read_text(encoding="utf-8"))
     with pytest.raises(DetoxError, match="another lexicon"):
-        model_from_json(data)
+        model_from_json(data, "offline/2")  # one version's weights with another's features
+    monkeypatch.setitem(refusal.LEXICON_V3, "AI", ("ai",))
+    with pytest.raises(DetoxError, match="another lexicon"):
+        model_from_json(data, "offline/3")
 
 
 @pytest.mark.parametrize(

@@ -81,7 +81,7 @@ def test_ab_page_lists_the_arms_and_shows_one_column_per_arm(browser, service: S
         assert UNSAFE_SCORE.match(text(one(column, ".score-value"))), text(column)
         assert text(one(column, "pre.text")).strip(), "an arm without text"
         assert re.search(r"\b[1-8] tokens\b", text(one(column, ".facts")))
-    assert text(one(browser, ".status")) == "Scores by the offline/2 judge"
+    assert text(one(browser, ".status")) == "Scores by the offline/3 judge"
     screenshot(browser, "ab")
     assert_no_console_errors(browser)
 

@@ -33,8 +33,8 @@ class ExperimentCreate(BaseModel):
     judge: JudgeName = Field(
         "service",
         description='"service": the server\'s DETOX_JUDGE; "offline": the newest offline judge '
-        '(stored and shown as its version, "offline/2"); "offline/1", "offline/2": that '
-        'version; "none": outcomes are not judged',
+        '(stored and shown as its version, "offline/3"); "offline/1", "offline/2", "offline/3": '
+        'that version; "none": outcomes are not judged',
     )
     keep_text: bool = Field(
         False, description="store each prompt and response with its outcome (default: no text)"

@@ -8,7 +8,7 @@ import { errorBox, fmt, h, link, sleep, when } from "./dom.js";
 
 const REFRESH_MS = 5000;
 const NAME = "[A-Za-z0-9][A-Za-z0-9._\\-]{0,63}";
-const JUDGES = ["service", "offline", "offline/1", "none"];  // "offline" is stored as its version
+const JUDGES = ["service", "offline", "offline/2", "offline/1", "none"];  // "offline" is stored as its version
 const LIST_COLUMNS = ["Name", "Status", "Arms", "Serves", "Created"];
 const RESULT_COLUMNS = ["Arm", "Weight", "Requests", "Judged", "Unsafe", "Refusals",
   "Mean tokens", "p50 ms", "p95 ms", "Feedback"];
