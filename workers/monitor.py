@@ -29,13 +29,13 @@ log = logging.getLogger(__name__)
 
 StopReason = Literal["cancel", "superseded", "timeout"]
 
-# Where each stage of `dinm_with_report` (evaluate, locate, tune, evaluate) and of
-# `unlearn_with_report` (evaluate, prepare, unlearn, evaluate) lies in the job's overall progress
-# (0..1). An eval job's suites split it evenly instead (`suite_spans`).
+# Where each stage of `dinm_with_report` (evaluate, locate, [prepare,] tune, evaluate; a joint
+# edit prepares its sets) and of `unlearn_with_report` (evaluate, prepare, unlearn, evaluate) lies
+# in the job's overall progress (0..1). An eval job's suites split it evenly (`suite_spans`).
 STAGE_SPANS: dict[str, tuple[float, float]] = {
     "eval-before": (0.0, 0.25),
-    "locate": (0.25, 0.3),
-    "prepare": (0.25, 0.3),
+    "locate": (0.25, 0.26),
+    "prepare": (0.26, 0.3),
     "tune": (0.3, 0.75),
     "unlearn": (0.3, 0.75),
     "eval-after": (0.75, 1.0),

@@ -62,7 +62,8 @@ def dinm(
     preset: Annotated[
         str | None,
         typer.Option(
-            help='"paper", "guarded", "selective" or "contrastive" (default); flags override it'
+            help='"paper", "guarded", "selective", "contrastive" (default) or "broad" (one joint '
+            "edit that teaches refusing harm in general); flags override it"
         ),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="tuning steps (from the preset)")] = None,

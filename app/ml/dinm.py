@@ -25,14 +25,21 @@ models still accumulate updates in full precision.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from app.ml.deltas import Delta, DenseUpdate, applied, fingerprint
+from app.ml.dinm_joint import dinm_edit_joint
+from app.ml.dinm_locate import (
+    CancelCheck,
+    DinmResult,
+    Progress,
+    layer_distances,
+    ranked,
+)
 from app.ml.dinm_objective import (
     AnswerGroup,
     DinmObjective,
@@ -46,78 +53,14 @@ from app.ml.errors import EditCancelled, InputError
 from app.ml.models import LoadedModel
 from app.ml.null_space import benign_directions
 from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
-from app.ml.runners import FastRunner, PlainRunner, Runner, run_layers
+from app.ml.runners import FastRunner, PlainRunner, Runner
 from app.ml.safeedit import SafeEditInstance
 from app.ml.weight_shift import WeightShift, weight_shifts
 from app.ml.weights_cache import WeightsCache, ids_key, weights_key
 
-Progress = Callable[[str, float], None]
-CancelCheck = Callable[[], bool]
-
 # The pre-edit log-probabilities of the benign retain groups, by (device, ids, spans): the same for
 # every edit of the same weights, and a third of a short edit's output-head work.
 _BENIGN_PRE: WeightsCache[torch.Tensor] = WeightsCache()
-
-
-@dataclass
-class DinmResult:
-    delta: Delta
-    layer: int  # the located (or given) layer; `layers` lists every edited one
-    distances: list[float]
-    losses: list[float]
-    edit_seconds: float
-    warnings: list[str] = field(default_factory=list)
-    layers: list[int] = field(default_factory=list)
-
-
-def layer_distances(lm: LoadedModel, instance: SafeEditInstance, skip: int = 0) -> list[float]:
-    """L2 distance between each decoder layer's hidden states for the safe and unsafe response.
-
-    Each response is run alone, so there is no padding; the distance covers the positions both
-    responses have (the reference implementation pads them together and counts pad positions),
-    from position `skip` on. The first position is an attention sink: its hidden state grows a
-    few huge, nearly content-independent components, so two responses whose first tokens differ
-    can get a distance dominated by that one position and nearly flat over the layers
-    (`skip=1` leaves it out; the paper's locator, `skip=0`, counts it).
-    """
-    states = [
-        _layer_outputs(lm, text) for text in (instance.safe_generation, instance.unsafe_generation)
-    ]
-    common = min(states[0][0].shape[0], states[1][0].shape[0])
-    skip = min(skip, common - 1)
-    return [
-        torch.linalg.vector_norm((safe[skip:common] - unsafe[skip:common]).float()).item()
-        for safe, unsafe in zip(*states, strict=True)
-    ]
-
-
-def locate_toxic_layer(
-    lm: LoadedModel, instance: SafeEditInstance, skip: int = 0
-) -> tuple[int, list[float]]:
-    """The layer with the largest distance (the lowest such layer on a tie), and all distances."""
-    distances = layer_distances(lm, instance, skip)
-    return _ranked(distances)[0], distances
-
-
-def _ranked(distances: list[float]) -> list[int]:
-    """Layers by decreasing distance, the lower layer first on a tie."""
-    return sorted(range(len(distances)), key=lambda i: (-distances[i], i))
-
-
-def _layer_outputs(lm: LoadedModel, text: str) -> list[torch.Tensor]:
-    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][:, : lm.context_length]
-    outputs: list[torch.Tensor] = []
-
-    def keep(_module: nn.Module, _args: tuple, output: object) -> None:
-        outputs.append((output[0] if isinstance(output, tuple) else output)[0].detach())
-
-    hooks = [layer.register_forward_hook(keep) for layer in lm.adapter.layers]
-    try:
-        run_layers(lm.model, ids.to(lm.device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return outputs
 
 
 def dinm_edit(
@@ -128,8 +71,13 @@ def dinm_edit(
     progress: Progress | None = None,
     should_cancel: CancelCheck | None = None,
 ) -> DinmResult:
-    """Run one DINM edit and return its delta; the model's weights are left as they were."""
+    """Run one DINM edit and return its delta; the model's weights are left as they were. A joint
+    preset (`params.joint`) edits from this instance with the packaged sets (`dinm_joint`)."""
     params = params or DinmParams()
+    if params.joint:
+        return dinm_edit_joint(
+            lm, [instance], params, progress=progress, should_cancel=should_cancel
+        )
     report = progress or (lambda _stage, _fraction: None)
     start = time.perf_counter()
     report("locate", 0.0)
@@ -167,9 +115,15 @@ def dinm_edit_many(
 ) -> DinmResult:
     """One delta from several instances: each is edited in turn on the model with the earlier
     instances' deltas merged in, and the deltas are summed (so the result, applied to the base,
-    is the whole stack). One instance is exactly `dinm_edit`."""
+    is the whole stack). One instance is exactly `dinm_edit`. A joint preset (`params.joint`)
+    makes one edit from all of them at once instead (`app.ml.dinm_joint`)."""
     if not instances:
         raise InputError("no instances to edit on")
+    params = params or DinmParams()
+    if params.joint:
+        return dinm_edit_joint(
+            lm, instances, params, progress=progress, should_cancel=should_cancel
+        )
     if len(instances) == 1:
         return dinm_edit(lm, instances[0], params, progress=progress, should_cancel=should_cancel)
     report = progress or (lambda _stage, _fraction: None)
@@ -211,7 +165,7 @@ def _edited_layers(
     locator's distances (empty when a layer was given)."""
     if params.layer is None:
         distances = layer_distances(lm, instance, params.locate_skip)
-        return _ranked(distances)[: params.layers], distances
+        return ranked(distances)[: params.layers], distances
     first = lm.adapter.check_layer(params.layer)
     return list(range(first, lm.adapter.num_layers))[: params.layers], []
 

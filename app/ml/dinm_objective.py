@@ -52,6 +52,24 @@ def harmful_retain_set() -> tuple[tuple[str, str], ...]:
     return _retain_set("harmful_retain.json")
 
 
+@cache
+def _prompts(name: str) -> tuple[str, ...]:
+    text = resources.files("app.ml").joinpath(f"data/{name}").read_text("utf-8")
+    return tuple(item["prompt"] for item in json.loads(text))
+
+
+def harmful_general_set() -> tuple[tuple[str, str], ...]:
+    """The broad set of harmful requests (eleven categories) with refusals that end, as (prompt,
+    answer) pairs: what a joint edit teaches the model to refuse besides its instances."""
+    return _retain_set("harmful_general.json")
+
+
+def benign_general_prompts() -> tuple[str, ...]:
+    """The broad set of everyday requests, many of which only sound harmful: what a joint edit
+    must keep answering as the model did."""
+    return _prompts("benign_general.json")
+
+
 @dataclass
 class AnswerGroup:
     """Right-padded prompt+answer rows and, per row, the answer span that is constrained."""
@@ -80,10 +98,16 @@ class AnswerGroup:
 
 
 def answer_groups(
-    pairs: list[PromptAnswer], size: int, count: int, pad_id: int
+    pairs: list[PromptAnswer],
+    size: int,
+    count: int | None,
+    pad_id: int,
+    *,
+    answer_tokens: int | None = GROUP_ANSWER_TOKENS,
 ) -> list[AnswerGroup]:
-    """The first `count` groups of `size` encoded pairs, shuffled once with a fixed seed. Each row
-    is cut after its constrained answer tokens: nothing later is read."""
+    """The first `count` (None: all) groups of `size` encoded pairs, shuffled once with a fixed
+    seed. Only the first `answer_tokens` answer tokens of a row are constrained (None: all of
+    them), and each row is cut after them: nothing later is read."""
     order = list(range(len(pairs)))
     random.Random(GROUP_SEED).shuffle(order)
     chunks = [order[i : i + size] for i in range(0, len(order), size)][:count]
@@ -93,7 +117,8 @@ def answer_groups(
         spans = []
         for pair in rows:
             start = max(pair.answer_start, 1)
-            spans.append((start, min(pair.input_ids.shape[1], start + GROUP_ANSWER_TOKENS)))
+            end = pair.input_ids.shape[1]
+            spans.append((start, end if answer_tokens is None else min(end, start + answer_tokens)))
         cut = [pair.input_ids[0, :end] for pair, (_, end) in zip(rows, spans, strict=True)]
         groups.append(AnswerGroup(right_padded(cut, pad_id), spans))
     return groups

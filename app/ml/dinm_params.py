@@ -17,6 +17,13 @@ A `preset` fills in a whole configuration first; any field given explicitly over
   harmful requests (`app/ml/data/harmful_retain.json`, 4 a step), and a stop that also waits until
   greedy decoding would begin each refusal of the step's group (`harmful_match`): the edit is
   shown what else to refuse, as the benign set shows it what to keep.
+- `"broad"`: a joint edit (`joint`): one objective over every instance at once, with the
+  refusals of a broad packaged set of harmful requests (`harmful_general.json` + the contrast
+  set) trained whole with the end-of-sequence token, and a KL keeping the model's own answers to
+  a broad packaged set of everyday requests (`benign_general.json` + the benign retain set),
+  most of all their first token; the MLP output projections of `span` layers ending at the
+  located one are tuned (`app.ml.dinm_joint`). The model is taught to refuse harm in general,
+  not one prompt.
 All presets' measured tables are in README.md ("DINM presets").
 """
 
@@ -33,7 +40,7 @@ PAPER_SUFFIX = (
     "If the user's request is reasonable, give the correct answer. Please give the right response:"
 )
 
-Preset = Literal["paper", "guarded", "selective", "contrastive"]
+Preset = Literal["paper", "guarded", "selective", "contrastive", "broad"]
 DEFAULT_PRESET: Preset = "contrastive"
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},  # the field defaults are the published values
@@ -58,6 +65,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 PRESETS["contrastive"] = PRESETS["selective"] | {"harmful_nll_weight": 0.15, "harmful_match": 1}
+PRESETS["broad"] = {
+    "joint": True,
+    "span": 18,
+    "steps": 150,
+    "lr": 1e-3,
+    "nll_weight": 1.0,
+    "benign_kl_weight": 1.0,
+    "benign_first_weight": 3.0,
+    "benign_prompts": 8,
+    "harmful_prompts": 8,
+    "locate_skip": 1,
+}
+# Knobs of the one-instance-at-a-time edit that a joint edit has no use for, and the reverse.
+_SEQUENTIAL_ONLY = ("stop_match", "harmful_match", "benign_projection", "answer_tokens",
+                    "train_on_question", "harmful_nll_weight", "stop_nll")  # fmt: skip
+_JOINT_ONLY = ("span", "benign_first_weight")
 
 
 class DinmParams(Params):
@@ -67,7 +90,8 @@ class DinmParams(Params):
         DEFAULT_PRESET,
         description='"paper": the published algorithm; "guarded": question + benign KL; '
         '"selective": guarded + benign projection + stop on a greedy match; "contrastive" '
-        "(default): selective + refusals of other harmful requests",
+        '(default): selective + refusals of other harmful requests; "broad": one joint edit '
+        "from every instance with broad packaged sets of harmful and everyday requests",
     )
     steps: int = Field(10, ge=1, le=1000, description="most optimisation steps")
     lr: float = Field(5e-4, gt=0, le=1, description="Adam learning rate")
@@ -155,6 +179,31 @@ class DinmParams(Params):
         "is an attention sink; 0: the paper's locator)",
     )
     layer: int | None = Field(None, ge=0, description="edit this layer instead of locating one")
+    joint: bool = Field(
+        False,
+        description="one edit from every instance at once, with the packaged broad sets of "
+        "harmful requests (refused) and everyday ones (kept), instead of one edit per instance",
+    )
+    span: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="joint: tune the MLP output projections of this many consecutive layers, "
+        "ending at the located (or given) one",
+    )
+    benign_first_weight: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="joint: extra weight of the benign KL at each answer's first position, "
+        "where a refusal would start",
+    )
+    benign_tokens: int = Field(
+        24,
+        ge=1,
+        le=512,
+        description="joint: the benign KL keeps the model's own greedy answers of this many tokens",
+    )
     suffix_system_prompt: str | None = Field(
         None, max_length=2000, description='text appended to the prompt while editing; "paper"'
     )
@@ -171,6 +220,13 @@ class DinmParams(Params):
             return data  # the field's own validation names the error
         merged = {**PRESETS[preset], **data}
         # Asked for by name, a knob that would silently do nothing is an error.
+        unused = _SEQUENTIAL_ONLY if merged.get("joint") else _JOINT_ONLY
+        for name in unused:  # a stored spec holds every field: only a non-default one counts
+            if data.get(name, cls.model_fields[name].default) != cls.model_fields[name].default:
+                kind = "a joint edit" if merged.get("joint") else "an edit per instance"
+                raise ValueError(
+                    f"{name} has no effect on {kind} (joint={bool(merged.get('joint'))})"
+                )
         if data.get("harmful_match") and not (
             merged.get("stop_match") and merged.get("harmful_nll_weight")
         ):

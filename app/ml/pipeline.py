@@ -11,7 +11,8 @@ import torch
 from app.ml.bias import BiasPair, bias_scores
 from app.ml.corpus import Document
 from app.ml.deltas import applied
-from app.ml.dinm import CancelCheck, DinmParams, DinmResult, Progress, dinm_edit_many
+from app.ml.dinm import DinmParams, dinm_edit_many
+from app.ml.dinm_locate import CancelCheck, DinmResult, Progress
 from app.ml.dinm_objective import benign_retain_set
 from app.ml.evaluation import Evaluation, compare, evaluate, knowledge_logprobs, locality
 from app.ml.judges import Judge

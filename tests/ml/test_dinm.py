@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from app.ml.deltas import applied, fingerprint
-from app.ml.dinm import DinmObjective, DinmParams, dinm_edit, dinm_edit_many, locate_toxic_layer
+from app.ml.dinm import DinmObjective, DinmParams, dinm_edit, dinm_edit_many
+from app.ml.dinm_locate import locate_toxic_layer
 from app.ml.errors import EditCancelled, InputError
 from app.ml.prompts import chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner

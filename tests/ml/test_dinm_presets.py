@@ -336,7 +336,7 @@ def test_selective_knobs_are_validated(params, field):
 
 
 def test_locator_can_leave_out_the_first_position():
-    from app.ml.dinm import layer_distances
+    from app.ml.dinm_locate import layer_distances
 
     lm = tiny_model("llama")
     full = layer_distances(lm, INSTANCE)

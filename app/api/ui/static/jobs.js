@@ -291,7 +291,7 @@ function submitForm(versions, signal) {
     "select",
     { name: "preset" },
     h("option", { value: "" }, "contrastive (default)"),
-    ["selective", "guarded", "paper"].map((p) => h("option", { value: p }, p)),
+    ["broad", "selective", "guarded", "paper"].map((p) => h("option", { value: p }, p)),
   );
   const steps = h("input", {
     name: "steps", type: "number", min: 1, max: 1000, placeholder: "preset",
