@@ -7,6 +7,12 @@ recordings); `warm s/instance` is the mean over the instances after the first.
 
     .venv/bin/python bench/dinm_instances.py                  # N = 1, 4, 16, all; default preset
     .venv/bin/python bench/dinm_instances.py --n 1 --n 4 --preset paper
+    .venv/bin/python bench/dinm_instances.py --processes      # first vs second process, N = 1
+
+`--processes` empties the disk cache of derived values first (`~/.cache/detox/derived`), then
+runs the same one-instance edit in two fresh processes one after the other: the first builds what
+it needs (and keeps what can be kept on disk), the second starts from the disk cache as a
+restarted worker or a second `detox dinm` would.
 """
 
 from __future__ import annotations
@@ -56,22 +62,42 @@ def child(n: int, preset: str | None) -> None:
     }))  # fmt: skip
 
 
+def _run_child(n: int, preset: str | None) -> dict:
+    command = [sys.executable, __file__, "--child", str(n)]
+    if preset:
+        command += ["--preset", preset]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def processes(preset: str | None) -> None:
+    import shutil
+
+    from app.ml.demo import default_cache_dir
+
+    cache = default_cache_dir()  # where the children's load_model("demo") keeps derived values
+    shutil.rmtree(Path(cache) / "derived", ignore_errors=True)
+    print(f"one-instance edit, preset {preset or 'default'}, disk cache {cache}/derived emptied")
+    for name in ("first process", "second process"):
+        row = _run_child(1, preset)
+        print(f"{name}: edit {row['edit_s']:.1f} s, peak {row['peak_mb']:.0f} MB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, action="append", help="instances (0: all); repeatable")
     parser.add_argument("--preset", default=None, help="DINM preset (default: the default one)")
+    parser.add_argument("--processes", action="store_true", help="first vs second process")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         return child(args.child, args.preset)
+    if args.processes:
+        return processes(args.preset)
     print(f"DINM from N instances, demo model, preset {args.preset or 'default'}")
     print(f"{'N':>3} {'edit s':>8} {'first s':>8} {'warm s/inst':>11} {'peak MB':>8}  layers")
     for n in args.n or [1, 4, 16, 0]:
-        command = [sys.executable, __file__, "--child", str(n)]
-        if args.preset:
-            command += ["--preset", args.preset]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        row = json.loads(out.strip().splitlines()[-1])
+        row = _run_child(n, args.preset)
         warm = "-" if row["warm_s"] is None else f"{row['warm_s']:.2f}"
         print(f"{row['n']:>3} {row['edit_s']:>8.1f} {row['first_s']:>8.1f} {warm:>11} "
               f"{row['peak_mb']:>8.0f}  {row['layers']}")  # fmt: skip
