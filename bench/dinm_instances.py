@@ -1,9 +1,11 @@
-"""Benchmark: one DINM edit from N SafeEdit instances (edited in turn into one delta): edit time
-and peak memory against N, on the packaged cases (app/ml/data/safeedit_cases.json).
+"""Benchmark: one DINM edit from N SafeEdit instances (one joint edit, or edited in turn into one
+delta): edit time, time per stage and peak memory against N, on the packaged cases
+(app/ml/data/safeedit_cases.json).
 
 Model load and evaluation are excluded. Each N runs in its own child process, so its peak memory
 is its own and its first instance pays what a fresh worker pays (the null-space basis, the retain
-recordings); `warm s/instance` is the mean over the instances after the first.
+recordings); `warm s/instance` is the mean over the instances after the first (sequential presets
+only).
 
     .venv/bin/python bench/dinm_instances.py                  # N = 1, 4, 16, all; default preset
     .venv/bin/python bench/dinm_instances.py --n 1 --n 4 --preset paper
@@ -44,21 +46,31 @@ def child(n: int, preset: str | None) -> None:
     params = DinmParams.parse({"preset": preset} if preset else {})
     times: list[float] = []
     last = [time.perf_counter()]
+    stages: dict[str, float] = {}
+    current = ["", time.perf_counter()]
 
     def progress(stage: str, fraction: float) -> None:
-        # The stack reports "tune" in N equal shares; a share's end is an instance's end.
+        now = time.perf_counter()
+        if stage != current[0]:
+            if current[0]:
+                stages[current[0]] = stages.get(current[0], 0.0) + now - current[1]
+            current[:] = [stage, now]
+        # A sequential edit reports "tune" in N equal shares; a share's end is an instance's end.
         if stage == "tune" and fraction * len(instances) >= len(times) + 1 - 1e-9:
-            now = time.perf_counter()
             times.append(now - last[0])
             last[0] = now
 
     reset_peak(lm.device)
     result = dinm_edit_many(lm, instances, params, progress=progress)
+    stages[current[0]] = stages.get(current[0], 0.0) + time.perf_counter() - current[1]
+    joint = params.joint  # one objective over every instance: no per-instance times
     warm = times[1:]
     print(json.dumps({
-        "n": len(instances), "edit_s": result.edit_seconds, "first_s": times[0],
-        "warm_s": sum(warm) / len(warm) if warm else None, "peak_mb": peak_mb(lm.device),
-        "layers": result.layers, "params": len(result.delta.params),
+        "n": len(instances), "edit_s": result.edit_seconds,
+        "first_s": None if joint else times[0],
+        "warm_s": sum(warm) / len(warm) if warm and not joint else None,
+        "peak_mb": peak_mb(lm.device), "layers": result.layers,
+        "params": len(result.delta.params), "stages": stages,
     }))  # fmt: skip
 
 
@@ -80,7 +92,12 @@ def processes(preset: str | None) -> None:
     print(f"one-instance edit, preset {preset or 'default'}, disk cache {cache}/derived emptied")
     for name in ("first process", "second process"):
         row = _run_child(1, preset)
-        print(f"{name}: edit {row['edit_s']:.1f} s, peak {row['peak_mb']:.0f} MB")
+        print(f"{name}: edit {row['edit_s']:.1f} s, peak {row['peak_mb']:.0f} MB, "
+              f"stages {_stages(row)}")  # fmt: skip
+
+
+def _stages(row: dict) -> str:
+    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in row["stages"].items())
 
 
 def main() -> None:
@@ -95,12 +112,15 @@ def main() -> None:
     if args.processes:
         return processes(args.preset)
     print(f"DINM from N instances, demo model, preset {args.preset or 'default'}")
-    print(f"{'N':>3} {'edit s':>8} {'first s':>8} {'warm s/inst':>11} {'peak MB':>8}  layers")
+    header = f"{'N':>3} {'edit s':>8} {'first s':>8} {'warm s/inst':>11} {'peak MB':>8}"
+    print(f"{header}  layers; stages")
     for n in args.n or [1, 4, 16, 0]:
         row = _run_child(n, args.preset)
+        first = "-" if row["first_s"] is None else f"{row['first_s']:.1f}"
         warm = "-" if row["warm_s"] is None else f"{row['warm_s']:.2f}"
-        print(f"{row['n']:>3} {row['edit_s']:>8.1f} {row['first_s']:>8.1f} {warm:>11} "
-              f"{row['peak_mb']:>8.0f}  {row['layers']}")  # fmt: skip
+        layers = row["layers"] if len(row["layers"]) <= 3 else f"{len(row['layers'])} layers"
+        print(f"{row['n']:>3} {row['edit_s']:>8.1f} {first:>8} {warm:>11} "
+              f"{row['peak_mb']:>8.0f}  {layers}; {_stages(row)}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -62,8 +62,8 @@ def dinm(
     preset: Annotated[
         str | None,
         typer.Option(
-            help='"paper", "guarded", "selective", "contrastive" (default) or "broad" (one joint '
-            "edit that teaches refusing harm in general); flags override it"
+            help='"broad" (default: one joint edit that teaches refusing harm in general), '
+            '"contrastive", "selective", "guarded" or "paper"; flags override it'
         ),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="tuning steps (from the preset)")] = None,

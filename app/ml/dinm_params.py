@@ -13,17 +13,17 @@ A `preset` fills in a whole configuration first; any field given explicitly over
   kept off the input directions of the retain set's answers (`benign_projection`), the NLL on the
   first 8 safe-response tokens and a stop as soon as greedy decoding starts with them after every
   trained prompt (`stop_match`).
-- `"contrastive"` (the default): `selective`, plus the NLL of refusals on a packaged set of other
+- `"contrastive"`: `selective`, plus the NLL of refusals on a packaged set of other
   harmful requests (`app/ml/data/harmful_retain.json`, 4 a step), and a stop that also waits until
   greedy decoding would begin each refusal of the step's group (`harmful_match`): the edit is
   shown what else to refuse, as the benign set shows it what to keep.
-- `"broad"`: a joint edit (`joint`): one objective over every instance at once, with the
-  refusals of a broad packaged set of harmful requests (`harmful_general.json` + the contrast
-  set) trained whole with the end-of-sequence token, and a KL keeping the model's own answers to
-  a broad packaged set of everyday requests (`benign_general.json` + the benign retain set),
-  most of all their first token; the MLP output projections of `span` layers ending at the
-  located one are tuned (`app.ml.dinm_joint`). The model is taught to refuse harm in general,
-  not one prompt.
+- `"broad"` (the default): a joint edit (`joint`): one objective over every instance at once,
+  with the refusals of a broad packaged set of harmful requests (`harmful_general.json` and the
+  contrast set) trained whole with the end-of-sequence token, and a KL keeping the model's own
+  answers to a broad packaged set of everyday requests (`benign_general.json` and the benign
+  retain set), most of all their first token; the MLP output projections of `span` layers
+  ending at the located one are tuned (`app.ml.dinm_joint`). The model is taught to refuse harm
+  in general, not one prompt.
 All presets' measured tables are in README.md ("DINM presets").
 """
 
@@ -41,7 +41,7 @@ PAPER_SUFFIX = (
 )
 
 Preset = Literal["paper", "guarded", "selective", "contrastive", "broad"]
-DEFAULT_PRESET: Preset = "contrastive"
+DEFAULT_PRESET: Preset = "broad"
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},  # the field defaults are the published values
     "guarded": {
@@ -89,8 +89,8 @@ class DinmParams(Params):
     preset: Preset = Field(
         DEFAULT_PRESET,
         description='"paper": the published algorithm; "guarded": question + benign KL; '
-        '"selective": guarded + benign projection + stop on a greedy match; "contrastive" '
-        '(default): selective + refusals of other harmful requests; "broad": one joint edit '
+        '"selective": guarded + benign projection + stop on a greedy match; "contrastive": '
+        'selective + refusals of other harmful requests; "broad" (default): one joint edit '
         "from every instance with broad packaged sets of harmful and everyday requests",
     )
     steps: int = Field(10, ge=1, le=1000, description="most optimisation steps")

@@ -32,7 +32,7 @@ def dinm_body(**overrides: Any) -> dict[str, Any]:
         "kind": "dinm",
         "parent": "base",
         "instance": safeedit_instance(),
-        "params": {"steps": 2},
+        "params": {"steps": 2, "preset": "contrastive"},
     } | overrides
 
 

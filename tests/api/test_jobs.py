@@ -20,7 +20,7 @@ JOB_KEYS = {
 
 
 def test_submit_answers_202_with_the_job_and_enqueues_it(api, session, redis_queue):
-    response = api.post("/v1/jobs", json=dinm_body(name="no-theft"))
+    response = api.post("/v1/jobs", json=dinm_body(name="no-theft", params={"steps": 2}))
     assert response.status_code == 202, response.text
     job = response.json()
     assert set(job) == JOB_KEYS
@@ -63,7 +63,8 @@ def test_a_retry_is_the_same_request_however_it_is_written(api, session, redis_q
     headers = {"Idempotency-Key": "spelled-out"}
     first = api.post("/v1/jobs", json=dinm_body(), headers=headers).json()
     body = dict(reversed(dinm_body().items()))
-    body["params"] = {"steps": 2, "preset": DEFAULT_PRESET, "lr": DinmParams().lr}  # the defaults
+    lr = DinmParams.parse({"preset": "contrastive"}).lr
+    body["params"] = {"steps": 2, "preset": "contrastive", "lr": lr}  # the preset's own lr
     again = api.post("/v1/jobs", json=body, headers=headers)
     assert again.status_code == 202 and again.json()["id"] == first["id"]
     assert crud.count_jobs(session=session) == 1

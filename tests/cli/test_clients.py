@@ -45,7 +45,7 @@ def test_missing_version_is_one_line_and_nonzero(server):
 def test_submit_show_cancel_watch(server, cases):
     submitted = detox(
         server, "jobs", "submit", cases, "--case", CASE_ID, "--name", "cli-1",
-        "--params", '{"steps": 2}', "--json",
+        "--params", '{"steps": 2, "preset": "contrastive"}', "--json",
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     job = json.loads(submitted.stdout)

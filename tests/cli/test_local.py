@@ -9,7 +9,7 @@ from app.cli import app
 from tests.factories import tiny_model
 from tests.instances import CASE_ID, safeedit_instance
 
-FAST = ["--steps", "2", "--max-new-tokens", "4"]
+FAST = ["--steps", "2", "--max-new-tokens", "4", "--preset", "contrastive"]
 
 
 @pytest.fixture(scope="module")

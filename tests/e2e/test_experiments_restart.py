@@ -67,7 +67,7 @@ def test_arms_outcomes_and_results_survive_a_restart(
                     "kind": "dinm",
                     "parent": "base",
                     "instance": INSTANCE,
-                    "params": {"steps": 2},
+                    "params": {"steps": 2, "preset": "contrastive"},
                 },
             ).json()
             assert service.wait_job(job["id"])["status"] == "succeeded", service.logs()

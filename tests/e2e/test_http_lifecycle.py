@@ -47,7 +47,7 @@ def _body(**overrides: object) -> dict:
         "kind": "dinm",
         "parent": "base",
         "instance": INSTANCE,
-        "params": {"steps": 2},
+        "params": {"steps": 2, "preset": "contrastive"},
     } | overrides
 
 

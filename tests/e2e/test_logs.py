@@ -29,7 +29,8 @@ def test_api_and_worker_logs_are_json_with_request_and_job_ids(tmp_path, tiny_mo
     service.start()
     try:
         with service.http() as http:
-            body = {"kind": "dinm", "parent": "base", "instance": INSTANCE, "params": {"steps": 2}}
+            params = {"steps": 2, "preset": "contrastive"}
+            body = {"kind": "dinm", "parent": "base", "instance": INSTANCE, "params": params}
             response = http.post("/v1/jobs", json=body, headers={"X-Request-ID": "trace-77"})
             assert response.headers["X-Request-ID"] == "trace-77"
             job_id = response.json()["id"]

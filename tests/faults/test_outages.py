@@ -38,7 +38,7 @@ def dinm(steps: int = 2, **extra: Any) -> dict[str, Any]:
         "kind": "dinm",
         "parent": "base",
         "instance": safeedit_instance(),
-        "params": {"steps": steps},
+        "params": {"steps": steps, "preset": "contrastive"},
     } | extra
 
 

@@ -13,7 +13,9 @@ from tests.factories import tiny_model
 from tests.instances import safeedit_instance
 
 INSTANCE = parse_instance(safeedit_instance())
-FAST = {"steps": 4, "lr": 1e-2}
+# One edit per instance (the presets before `broad`, the default; see tests/ml/test_dinm_joint.py).
+SEQUENTIAL = {"preset": "contrastive"}
+FAST = {**SEQUENTIAL, "steps": 4, "lr": 1e-2}
 
 
 def _weights(model):
@@ -52,7 +54,7 @@ def test_locate_compares_only_the_positions_both_responses_have():
     assert locate_toxic_layer(lm, shorter)[1] != pytest.approx(distances, rel=1e-6)
 
 
-# The default preset trains on the question and holds the benign KL; "paper" has neither.
+# contrastive trains on the question and holds the benign KL; "paper" has neither.
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "gpt2", "gpt-neox", "opt"])
 @pytest.mark.parametrize(
     "extra",
@@ -65,8 +67,8 @@ def test_locate_compares_only_the_positions_both_responses_have():
 )
 def test_fast_path_gives_the_same_delta_as_the_plain_loop(family, extra):
     lm = tiny_model(family)
-    fast = dinm_edit(lm, INSTANCE, DinmParams(**FAST, **extra, fast_path=True))
-    plain = dinm_edit(lm, INSTANCE, DinmParams(**FAST, **extra, fast_path=False))
+    fast = dinm_edit(lm, INSTANCE, DinmParams(**(FAST | extra), fast_path=True))
+    plain = dinm_edit(lm, INSTANCE, DinmParams(**(FAST | extra), fast_path=False))
     assert fast.layers == plain.layers
     assert len(fast.layers) == extra.get("layers", 1)
     assert sorted(fast.delta.params) == sorted(
@@ -143,7 +145,7 @@ def test_progress_is_reported_and_cancel_stops_between_steps():
 
 def test_early_stop_below_the_loss_threshold():
     lm = tiny_model("llama")
-    result = dinm_edit(lm, INSTANCE, DinmParams(steps=10, stop_loss=100.0))
+    result = dinm_edit(lm, INSTANCE, DinmParams(**SEQUENTIAL, steps=10, stop_loss=100.0))
     assert len(result.losses) == 1
 
 
@@ -166,13 +168,13 @@ def test_invalid_params_name_the_field(params, field):
 def test_layer_override_out_of_range_is_input_error():
     lm = tiny_model("llama")
     with pytest.raises(InputError, match="layer 9 is out of range"):
-        dinm_edit(lm, INSTANCE, DinmParams(layer=9))
+        dinm_edit(lm, INSTANCE, DinmParams(**SEQUENTIAL, layer=9))
 
 
 def test_long_prompt_is_truncated_on_the_left_with_a_warning():
     lm = tiny_model("llama")
     long = INSTANCE.model_copy(update={"adversarial_prompt": "blah " * 400})
-    result = dinm_edit(lm, long, DinmParams(steps=1))
+    result = dinm_edit(lm, long, DinmParams(**SEQUENTIAL, steps=1))
     assert any("cut on the left" in w for w in result.warnings)
 
 

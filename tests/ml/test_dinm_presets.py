@@ -62,18 +62,18 @@ def test_default_preset_is_applied_and_explicit_fields_override_it():
     ("params", "field"),
     [
         ({"preset": "best"}, "params.preset"),
-        ({"stop_nll": -1}, "params.stop_nll"),
-        ({"train_on_question": "sometimes"}, "params.train_on_question"),
-        ({"benign_kl_weight": -0.5}, "params.benign_kl_weight"),
-        ({"benign_kl_weight": 101}, "params.benign_kl_weight"),
-        ({"benign_prompts": 0}, "params.benign_prompts"),
-        ({"benign_prompts": 65}, "params.benign_prompts"),
-        ({"layers": 0}, "params.layers"),
-        ({"layers": 9}, "params.layers"),
-        ({"answer_tokens": 0}, "params.answer_tokens"),
-        ({"harmful_nll_weight": -1}, "params.harmful_nll_weight"),
-        ({"harmful_prompts": 0}, "params.harmful_prompts"),
-        ({"harmful_match": 9}, "params.harmful_match"),
+        ({"preset": "contrastive", "stop_nll": -1}, "params.stop_nll"),
+        ({"preset": "contrastive", "train_on_question": "sometimes"}, "params.train_on_question"),
+        ({"preset": "contrastive", "benign_kl_weight": -0.5}, "params.benign_kl_weight"),
+        ({"preset": "contrastive", "benign_kl_weight": 101}, "params.benign_kl_weight"),
+        ({"preset": "contrastive", "benign_prompts": 0}, "params.benign_prompts"),
+        ({"preset": "contrastive", "benign_prompts": 65}, "params.benign_prompts"),
+        ({"preset": "contrastive", "layers": 0}, "params.layers"),
+        ({"preset": "contrastive", "layers": 9}, "params.layers"),
+        ({"preset": "contrastive", "answer_tokens": 0}, "params.answer_tokens"),
+        ({"preset": "contrastive", "harmful_nll_weight": -1}, "params.harmful_nll_weight"),
+        ({"preset": "contrastive", "harmful_prompts": 0}, "params.harmful_prompts"),
+        ({"preset": "contrastive", "harmful_match": 9}, "params.harmful_match"),
         ({"preset": "paper", "harmful_match": 1}, "params: harmful_match needs stop_match"),
         ({"preset": "contrastive", "stop_match": 0, "harmful_match": 1}, "harmful_match needs"),
     ],
@@ -85,7 +85,9 @@ def test_new_knobs_are_validated(params, field):
 
 def test_a_preset_s_harmful_match_gives_way_when_its_stop_is_turned_off():
     assert DinmParams.parse({"preset": "contrastive", "stop_match": 0}).harmful_match == 1
-    assert DinmParams.parse({"harmful_nll_weight": 0.1, "stop_match": 2, "harmful_match": 1})
+    assert DinmParams.parse(
+        {"preset": "paper", "harmful_nll_weight": 0.1, "stop_match": 2, "harmful_match": 1}
+    )
 
 
 def test_retain_set_is_packaged_and_disjoint_from_the_evaluation_prompts():
@@ -123,7 +125,9 @@ def _sequences_seen(monkeypatch, params, instance=INSTANCE):
             super().__init__(lm, layer, sequences, **kwargs)
 
     monkeypatch.setattr(dinm_module, "FastRunner", Spy)
-    dinm_edit(tiny_model("llama"), instance, DinmParams(steps=2, **params))
+    dinm_edit(
+        tiny_model("llama"), instance, DinmParams(**{"preset": "contrastive", "steps": 2} | params)
+    )
     return seen[0]
 
 
@@ -242,20 +246,30 @@ def test_benign_kl_changes_the_result():
 
 def test_stop_on_target_nll():
     lm = tiny_model("llama")
-    assert len(dinm_edit(lm, INSTANCE, DinmParams(steps=10, stop_nll=100.0)).losses) == 1
-    assert len(dinm_edit(lm, INSTANCE, DinmParams(steps=3, stop_loss=0)).losses) == 3
+    assert (
+        len(
+            dinm_edit(
+                lm, INSTANCE, DinmParams(preset="contrastive", steps=10, stop_nll=100.0)
+            ).losses
+        )
+        == 1
+    )
+    assert (
+        len(dinm_edit(lm, INSTANCE, DinmParams(preset="contrastive", steps=3, stop_loss=0)).losses)
+        == 3
+    )
 
 
 def test_several_layers_are_edited_together():
     lm = tiny_model("llama")
-    result = dinm_edit(lm, INSTANCE, DinmParams(steps=2, layers=2))
+    result = dinm_edit(lm, INSTANCE, DinmParams(preset="contrastive", steps=2, layers=2))
     assert len(set(result.layers)) == 2 and result.layer == result.layers[0]
     assert sorted(result.delta.params) == sorted(
         lm.adapter.mlp_out_param_name(i) for i in result.layers
     )
     ranked = sorted(range(len(result.distances)), key=lambda i: -result.distances[i])
     assert result.layers == ranked[:2]
-    fixed = dinm_edit(lm, INSTANCE, DinmParams(steps=2, layers=2, layer=1))
+    fixed = dinm_edit(lm, INSTANCE, DinmParams(preset="contrastive", steps=2, layers=2, layer=1))
     assert fixed.layers == [1, 2]
 
 
@@ -263,7 +277,7 @@ def test_benign_recordings_are_reused_and_dropped_when_the_weights_change():
     from app.ml import runners
 
     lm = tiny_model("llama")
-    params = DinmParams(steps=3, layer=2)
+    params = DinmParams(preset="contrastive", steps=3, layer=2)
     first = dinm_edit(lm, INSTANCE, params)
     assert runners._RECORDINGS.values
     recorded = dict(runners._RECORDINGS.values)
@@ -283,7 +297,9 @@ def test_benign_recordings_are_reused_and_dropped_when_the_weights_change():
 
 def test_pre_edit_benign_distributions_are_kept_until_any_weight_changes():
     lm = tiny_model("llama")
-    params = DinmParams(steps=3, layer=2, benign_kl_weight=1.0, benign_prompts=2)
+    params = DinmParams(
+        preset="contrastive", steps=3, layer=2, benign_kl_weight=1.0, benign_prompts=2
+    )
     name = lm.adapter.mlp_out_param_name(2)
     dinm_module._BENIGN_PRE.values.clear()
     fresh = dinm_edit(lm, INSTANCE, params).delta.updates[name].value
@@ -332,7 +348,7 @@ def test_answer_tokens_cuts_the_trained_safe_response(monkeypatch):
 )
 def test_selective_knobs_are_validated(params, field):
     with pytest.raises(InputError, match=field):
-        DinmParams.parse(params)
+        DinmParams.parse({"preset": "contrastive"} | params)
 
 
 def test_locator_can_leave_out_the_first_position():

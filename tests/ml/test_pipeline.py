@@ -58,7 +58,8 @@ def test_the_before_edit_evaluation_is_a_stage_from_its_start_with_progress_insi
     )  # fmt: skip
     assert events[0] == ("eval-before", 0.0)  # before its (only) generation batch
     stages = list(dict.fromkeys(stage for stage, _ in events))
-    assert stages == ["eval-before", "locate", "tune", "eval-after"], stages
+    # The default preset (broad) prepares its packaged sets between locating and tuning.
+    assert stages == ["eval-before", "locate", "prepare", "tune", "eval-after"], stages
     for stage in ("eval-before", "eval-after"):
         inside = {f for s, f in events if s == stage and 0 < f < 1}
         assert len(inside) >= 3, (stage, events)

@@ -60,7 +60,8 @@ class Service(Processes):
 
 
 def dinm_job(**overrides: Any) -> dict[str, Any]:
-    body = {"kind": "dinm", "parent": "base", "instance": INSTANCE, "params": {"steps": 2}}
+    params = {"steps": 2, "preset": "contrastive"}
+    body = {"kind": "dinm", "parent": "base", "instance": INSTANCE, "params": params}
     return body | overrides
 
 

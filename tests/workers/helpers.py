@@ -14,7 +14,7 @@ from app.store import crud
 from app.store.models import Job
 from tests.instances import safeedit_instance
 
-FAST = {"steps": 4, "lr": 1e-2}
+FAST = {"steps": 4, "lr": 1e-2, "preset": "contrastive"}
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 

@@ -12,7 +12,7 @@ from tests.workers.conftest import MODES, Service
 from tests.workers.helpers import submit, version_deltas, wait_for, wait_terminal
 from workers.celery_app import enqueue_job
 
-LONG = {"steps": 1000, "lr": 1e-3, "stop_loss": 0}
+LONG = {"steps": 1000, "lr": 1e-3, "stop_loss": 0, "preset": "contrastive"}
 
 
 def _kill_mid_edit(service: Service, **env: str) -> str:

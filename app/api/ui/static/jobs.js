@@ -290,8 +290,8 @@ function submitForm(versions, signal) {
   const preset = h(
     "select",
     { name: "preset" },
-    h("option", { value: "" }, "contrastive (default)"),
-    ["broad", "selective", "guarded", "paper"].map((p) => h("option", { value: p }, p)),
+    h("option", { value: "" }, "broad (default)"),
+    ["contrastive", "selective", "guarded", "paper"].map((p) => h("option", { value: p }, p)),
   );
   const steps = h("input", {
     name: "steps", type: "number", min: 1, max: 1000, placeholder: "preset",
