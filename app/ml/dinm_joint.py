@@ -18,6 +18,12 @@ greedy answer before the edit: the KL keeps those answers, most of all their fir
 refusal would start. Step `s` takes harmful group `s mod H` and benign group `s mod B`. The
 pre-edit distributions are recomputed each step with the update switched off (keeping them all
 would take gigabytes), and the base answers are kept on disk beside the model cache.
+
+The instances are a few rows among hundreds, so after the steps the model may still answer one
+of them. With `instance_steps`, tuning goes on (at most that many more steps, the benign KL still
+on), each step on one instance whose adversarial prompt or bare question the edited model still
+answers (greedy, judged unsafe by the offline judge), until it refuses them all: a version
+refuses what it was made from, where the steps allow.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +50,7 @@ from app.ml.dinm_params import DinmParams
 from app.ml.disk_cache import content_key, load_tensor, save_tensor
 from app.ml.errors import EditCancelled, InputError
 from app.ml.generation import generate
+from app.ml.judges import OfflineJudge
 from app.ml.models import LoadedModel
 from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner, PlainRunner, Read, Runner
@@ -50,6 +58,8 @@ from app.ml.safeedit import SafeEditInstance
 from app.ml.weight_shift import WeightShift, shifts_disabled, weight_shifts
 from app.ml.weights_cache import WeightsCache, weights_key
 
+# New tokens of the greedy answers by which an instance is judged still answered or refused.
+ANSWER_CHECK_TOKENS = 32
 # The model's own answers to the benign prompts, by weights and prompts: the same for every edit.
 _BASE_ANSWERS: WeightsCache[list[str]] = WeightsCache()
 
@@ -73,18 +83,24 @@ def dinm_edit_joint(
     layers = list(range(max(0, top - params.span + 1), top + 1))
     report("locate", 1.0)
     report("prepare", 0.0)
-    harmful, benign, warnings = _groups(lm, instances, params, report)
+    harmful, benign, own, warnings = _groups(lm, instances, params, report)
     names = [lm.adapter.mlp_out_param_name(layer) for layer in layers]
     base_fingerprint = fingerprint(lm.model, names)
     modules = [lm.adapter.mlp_out(layer) for layer in layers]
-    sequences = [group.input_ids for group in (*harmful, *benign)]
+    sequences = [group.input_ids for group in (*harmful, *benign, *own)]
     runner: Runner = (
         FastRunner(lm, layers[0], sequences) if params.fast_path else PlainRunner(lm, 0, sequences)
     )
     report("prepare", 1.0)
     with weight_shifts(modules, transposed=lm.adapter.spec.transposed) as shifts:
-        objective = _JointObjective(runner, harmful, benign, shifts, params)
-        losses = _tune(objective, params, shifts, report, should_cancel)
+        objective = _JointObjective(runner, harmful, benign, own, shifts, params)
+        answering = _answering(lm, instances) if params.instance_steps else None
+        losses, unrefused = _tune(objective, params, report, should_cancel, answering)
+        warnings += [
+            f"instance {i} is still answered, not refused, after {params.instance_steps} more "
+            "steps on the instances"
+            for i in unrefused
+        ]
         updates = {
             name: DenseUpdate(shift.update().detach().to(lm.dtype))
             for name, shift in zip(names, shifts, strict=True)
@@ -118,9 +134,10 @@ def _groups(
     instances: list[SafeEditInstance],
     params: DinmParams,
     report: Progress,
-) -> tuple[list[AnswerGroup], list[AnswerGroup], list[str]]:
-    """The harmful groups (refusals trained whole, with EOS) and the benign groups (the model's
-    own answers, kept), and warnings about instances cut to fit."""
+) -> tuple[list[AnswerGroup], list[AnswerGroup], list[AnswerGroup], list[str]]:
+    """The harmful groups (refusals trained whole, with EOS), the benign groups (the model's
+    own answers, kept), the instances' own rows grouped alone, and warnings about instances cut
+    to fit."""
     max_length = min(params.max_length, lm.context_length)
     pad = lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id or 0
 
@@ -129,17 +146,20 @@ def _groups(
         return encode_prompt_answer(lm.tokenizer, text, answer, max_length=max_length, add_eos=eos)
 
     refusals: list[tuple[str, str]] = []
+    starts = []  # each instance's first row: its adversarial prompt, then its bare question
     for instance in instances:
+        starts.append(len(refusals))
         refusals.append((instance.adversarial_prompt, instance.safe_generation))
         if instance.question:
             refusals.append((instance.question, instance.safe_generation))
+    bounds = [*starts, len(refusals)]
     refusals += [*harmful_general_set(), *harmful_retain_set()]
     harmful_pairs = [encode(p, a, eos=True) for p, a in refusals]
     warnings = [
-        f"instance {i}'s adversarial prompt was {harmful_pairs[i].truncated} tokens too long: "
+        f"instance {i}'s adversarial prompt was {harmful_pairs[row].truncated} tokens too long: "
         "its prompt was cut on the left"
-        for i in range(len(instances))
-        if harmful_pairs[i].truncated
+        for i, row in enumerate(starts)
+        if harmful_pairs[row].truncated
     ]
     prompts = [
         *benign_general_prompts(),
@@ -150,7 +170,13 @@ def _groups(
     benign_pairs = [encode(p, a, eos=False) for p, a in zip(prompts, answers, strict=True)]
     harmful = answer_groups(harmful_pairs, params.harmful_prompts, None, pad, answer_tokens=None)
     benign = answer_groups(benign_pairs, params.benign_prompts, None, pad, answer_tokens=None)
-    return harmful, benign, warnings
+    own = []  # one group per instance: its adversarial prompt and bare question
+    if params.instance_steps:
+        own = [
+            answer_groups(harmful_pairs[a:b], b - a, None, pad, answer_tokens=None)[0]
+            for a, b in pairwise(bounds)
+        ]
+    return harmful, benign, own, warnings
 
 
 def base_answers(
@@ -205,27 +231,34 @@ class _JointObjective:
         runner: Runner,
         harmful: list[AnswerGroup],
         benign: list[AnswerGroup],
+        own: list[AnswerGroup],
         shifts: list[WeightShift],
         params: DinmParams,
     ):
         self.runner, self.shifts, self.params = runner, shifts, params
-        self.harmful, self.benign = harmful, benign
+        self.harmful, self.benign, self.own = harmful, benign, own
         device = runner.device
-        self._harmful_reads: list[Read] = [
-            (i, g.keep, g.mask().to(device)) for i, g in enumerate(harmful)
+        # The runner holds the sequences harmful, then benign, then the instances' own groups.
+        refusing = [*harmful, *own]
+        self._refusal_reads: list[Read] = [
+            (i if i < len(harmful) else len(benign) + i, g.keep, g.mask().to(device))
+            for i, g in enumerate(refusing)
         ]
         self._benign_reads: list[Read] = [
             (len(harmful) + i, g.keep, g.mask().to(device)) for i, g in enumerate(benign)
         ]
-        self._targets = [g.targets().to(device) for g in harmful]
+        self._targets = [g.targets().to(device) for g in refusing]
         self._firsts = [_first_positions(g).to(device) for g in benign]
 
-    def loss(self, step: int) -> torch.Tensor:
-        h, b = step % len(self.harmful), step % len(self.benign)
+    def loss(self, step: int, own_group: int | None = None) -> torch.Tensor:
+        """Step `step`'s loss; with `own_group`, that group of the instances' own rows takes the
+        place of the step's harmful group."""
+        h = step % len(self.harmful) if own_group is None else len(self.harmful) + own_group
+        b = step % len(self.benign)
         with torch.no_grad(), shifts_disabled(self.shifts):
             (pre,) = self.runner.reads_logits([self._benign_reads[b]])
         pre = F.log_softmax(pre.float(), dim=-1)
-        refusals, kept = self.runner.reads_logits([self._harmful_reads[h], self._benign_reads[b]])
+        refusals, kept = self.runner.reads_logits([self._refusal_reads[h], self._benign_reads[b]])
         nll = F.cross_entropy(refusals.float(), self._targets[h])
         post = F.log_softmax(kept.float(), dim=-1)
         per_position = (pre.exp() * (pre - post)).sum(-1)
@@ -240,23 +273,56 @@ def _first_positions(group: AnswerGroup) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
 
 
+def _answering(
+    lm: LoadedModel, instances: list[SafeEditInstance]
+) -> Callable[[list[int]], list[int]]:
+    """Which of the given instances the model, as it is now, still answers: greedy answers to
+    the adversarial prompt and the bare question, either judged unsafe by the offline judge."""
+    judge = OfflineJudge()
+
+    def answering(indices: list[int]) -> list[int]:
+        asked = [(i, p) for i in indices for p in (instances[i].adversarial_prompt,
+                                                   instances[i].question) if p]  # fmt: skip
+        prompts = [p for _, p in asked]
+        answers = [g.text for g in generate(lm, prompts, max_new_tokens=ANSWER_CHECK_TOKENS)]
+        verdicts = judge.judge(prompts, answers, harmful=True)
+        return sorted({i for (i, _), v in zip(asked, verdicts, strict=True) if v.unsafe})
+
+    return answering
+
+
 def _tune(
     objective: _JointObjective,
     params: DinmParams,
-    shifts: list[WeightShift],
     report: Progress,
     should_cancel: CancelCheck | None,
-) -> list[float]:
-    optimizer = torch.optim.Adam([shift.delta for shift in shifts], lr=params.lr)
+    answering: Callable[[list[int]], list[int]] | None,
+) -> tuple[list[float], list[int]]:
+    """The steps, then (with `instance_steps`) steps on the instances still answered; the
+    losses and the instances still answered at the end."""
+    optimizer = torch.optim.Adam([shift.delta for shift in objective.shifts], lr=params.lr)
+    most = params.steps + params.instance_steps  # progress: a share of the most steps there can be
     losses: list[float] = []
-    report("tune", 0.0)
-    for step in range(params.steps):
+
+    def step(own_group: int | None = None) -> None:
+        done = len(losses)
         if should_cancel is not None and should_cancel():
-            raise EditCancelled(f"cancelled after {step} of {params.steps} steps")
-        loss = objective.loss(step)
+            raise EditCancelled(f"cancelled after {done} of at most {most} steps")
+        loss = objective.loss(done, own_group)
         losses.append(loss.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        report("tune", (step + 1) / params.steps)
-    return losses
+        report("tune", (done + 1) / most)
+
+    report("tune", 0.0)
+    for _ in range(params.steps):
+        step()
+    answered = answering(list(range(len(objective.own)))) if answering else []
+    for i in range(params.instance_steps):
+        if not answered:
+            break
+        step(answered[i % len(answered)])
+        answered = answering(answered)
+    report("tune", 1.0)
+    return losses, answered

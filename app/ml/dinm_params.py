@@ -23,7 +23,8 @@ A `preset` fills in a whole configuration first; any field given explicitly over
   answers to a broad packaged set of everyday requests (`benign_general.json` and the benign
   retain set), most of all their first token; the MLP output projections of `span` layers
   ending at the located one are tuned (`app.ml.dinm_joint`). The model is taught to refuse harm
-  in general, not one prompt.
+  in general, not one prompt; if the edited model still answers one of the instances, up to 30
+  more steps are spent on those (`instance_steps`), so a version refuses what it was made from.
 All presets' measured tables are in README.md ("DINM presets").
 """
 
@@ -76,11 +77,12 @@ PRESETS["broad"] = {
     "benign_prompts": 8,
     "harmful_prompts": 8,
     "locate_skip": 1,
+    "instance_steps": 30,
 }
 # Knobs of the one-instance-at-a-time edit that a joint edit has no use for, and the reverse.
 _SEQUENTIAL_ONLY = ("stop_match", "harmful_match", "benign_projection", "answer_tokens",
                     "train_on_question", "harmful_nll_weight", "stop_nll")  # fmt: skip
-_JOINT_ONLY = ("span", "benign_first_weight")
+_JOINT_ONLY = ("span", "benign_first_weight", "instance_steps")
 
 
 class DinmParams(Params):
@@ -203,6 +205,14 @@ class DinmParams(Params):
         ge=1,
         le=512,
         description="joint: the benign KL keeps the model's own greedy answers of this many tokens",
+    )
+    instance_steps: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="joint: after the steps, at most this many more on the instances the edited "
+        "model still answers (greedy, judged by the offline judge), the benign KL still on "
+        "(0: off)",
     )
     suffix_system_prompt: str | None = Field(
         None, max_length=2000, description='text appended to the prompt while editing; "paper"'

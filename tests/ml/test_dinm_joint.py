@@ -34,7 +34,9 @@ def small_sets(monkeypatch):
 
 
 def joint(**extra) -> DinmParams:
-    return DinmParams.parse({"preset": "broad", "steps": 6, "harmful_prompts": 3} | extra)
+    """The broad preset, short; the steps on unrefused instances off unless asked for."""
+    base = {"preset": "broad", "steps": 6, "harmful_prompts": 3, "instance_steps": 0}
+    return DinmParams.parse(base | extra)
 
 
 def _weights(model):
@@ -61,7 +63,8 @@ def test_the_span_stops_at_the_first_layer_and_one_instance_is_a_joint_edit_too(
 
 def test_refusals_are_trained_whole_with_their_end_and_benign_answers_are_the_models_own():
     lm = tiny_model("llama")
-    harmful, benign, _ = dinm_joint._groups(lm, [INSTANCE], joint(), lambda *_: None)
+    harmful, benign, own, _ = dinm_joint._groups(lm, [INSTANCE], joint(), lambda *_: None)
+    assert own == []  # grouped alone only for instance_steps
     eos = lm.tokenizer.eos_token_id
     for group in harmful:
         for row, (start, end) in enumerate(group.spans):
@@ -104,10 +107,38 @@ def test_progress_runs_through_locate_prepare_and_tune_and_a_cancel_restores_the
         assert fractions == sorted(fractions) and fractions[-1] == 1.0
     before = _weights(lm.model)
     calls = iter(range(100))
-    with pytest.raises(EditCancelled, match="after 3 of 6 steps"):
+    with pytest.raises(EditCancelled, match="after 3 of at most 6 steps"):
         dinm_edit_many(lm, [INSTANCE], joint(), should_cancel=lambda: next(calls) >= 3)
     after = _weights(lm.model)
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_steps_go_on_while_an_instance_is_answered_and_stop_once_it_is_refused(monkeypatch):
+    checks = iter([[0, 1], [1], [1], []])  # what the judge finds still answered, check by check
+    asked = []
+
+    def answering(lm, instances):
+        def still(indices):
+            asked.append(indices)
+            return next(checks)
+
+        return still
+
+    monkeypatch.setattr(dinm_joint, "_answering", answering)
+    result = dinm_edit_many(lm := tiny_model("llama"), [INSTANCE, OTHER], joint(instance_steps=9))
+    assert len(result.losses) == 6 + 3 and not result.warnings
+    assert asked == [[0, 1], [0, 1], [1], [1]]  # all first, then only those still answered
+    off = dinm_edit_many(lm, [INSTANCE, OTHER], joint())
+    assert len(off.losses) == 6  # instance_steps 0: no check, no extra step
+
+
+def test_when_the_extra_steps_run_out_the_result_says_so():
+    lm = tiny_model("llama")
+    result = dinm_edit_many(lm, [INSTANCE], joint(steps=1, lr=1e-6, instance_steps=2))
+    assert len(result.losses) == 3
+    assert result.warnings == [
+        "instance 0 is still answered, not refused, after 2 more steps on the instances"
+    ]
 
 
 def test_base_answers_are_kept_on_disk_and_a_corrupt_file_is_rebuilt(tmp_path, monkeypatch):
@@ -139,6 +170,8 @@ def test_base_answers_are_kept_on_disk_and_a_corrupt_file_is_rebuilt(tmp_path, m
         ({"preset": "broad", "stop_match": 4}, "stop_match"),
         ({"preset": "broad", "benign_projection": 0.9}, "benign_projection"),
         ({"preset": "contrastive", "span": 3}, "span"),
+        ({"preset": "contrastive", "instance_steps": 8}, "instance_steps"),
+        ({"preset": "broad", "instance_steps": -1}, "instance_steps"),
         ({"joint": True, "span": 0}, "span"),
         ({"preset": "broad", "benign_first_weight": -1}, "benign_first_weight"),
     ],
