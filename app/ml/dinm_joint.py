@@ -281,8 +281,12 @@ def _answering(
     judge = OfflineJudge()
 
     def answering(indices: list[int]) -> list[int]:
-        asked = [(i, p) for i in indices for p in (instances[i].adversarial_prompt,
-                                                   instances[i].question) if p]  # fmt: skip
+        asked = [
+            (i, prompt)
+            for i in indices
+            for prompt in (instances[i].adversarial_prompt, instances[i].question)
+            if prompt
+        ]
         prompts = [p for _, p in asked]
         answers = [g.text for g in generate(lm, prompts, max_new_tokens=ANSWER_CHECK_TOKENS)]
         verdicts = judge.judge(prompts, answers, harmful=True)
