@@ -1,5 +1,6 @@
 """What more than one benchmark script uses: this run's admin key, a free port, a `detox api`
-server on a temporary store with random versions, and the stereotype forget set.
+server on a temporary store with random versions, the stereotype forget set, and XSTest's
+development half.
 
 Not a script. The scripts import it as `from harness import ...` (a script's own folder is first
 on `sys.path` when it runs as `python bench/<script>.py`); `app` is the installed project.
@@ -7,6 +8,7 @@ on `sys.path` when it runs as `python bench/<script>.py`); `app` is the installe
 
 from __future__ import annotations
 
+import csv
 import difflib
 import os
 import re
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_KEY = "dtx_" + secrets.token_urlsafe(32)  # this run's bootstrap admin key
+XSTEST_DEV = ROOT / "tests" / "data" / "xstest" / "xstest_dev.csv"
 WORD = re.compile(r"\S+")
 
 
@@ -127,3 +130,10 @@ def stereotype_documents(pairs: list[BiasPair]) -> list[Document]:
         if spans:
             documents.append(Document(pair.sent_more, spans))
     return documents
+
+
+def xstest_dev() -> list[dict[str, str]]:
+    """XSTest's development half (CC BY 4.0): rows with `prompt` and `label` (safe | unsafe).
+    Measured on, never trained on."""
+    with XSTEST_DEV.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))

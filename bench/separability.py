@@ -17,13 +17,12 @@ rate at a 5% false-positive rate, the threshold set on XSTest's safe prompts).
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 from pathlib import Path
+
+from harness import xstest_dev
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "app" / "ml" / "data"
-XSTEST = ROOT / "tests" / "data" / "xstest" / "xstest_dev.csv"
 
 
 def main() -> None:
@@ -37,7 +36,12 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    from app.ml.dinm_objective import benign_retain_set, harmful_retain_set
+    from app.ml.dinm_objective import (
+        benign_general_prompts,
+        benign_retain_set,
+        harmful_general_set,
+        harmful_retain_set,
+    )
     from app.ml.models import load_model
     from app.ml.prompts import chat_text, encode_prompt
     from app.ml.safeedit import load_instances
@@ -55,14 +59,10 @@ def main() -> None:
             rows.append(torch.stack([h[0, -1] for h in hidden]).float().numpy())
         return np.stack(rows)
 
-    def prompts_of(name: str) -> list[str]:
-        return [item["prompt"] for item in json.loads((DATA / name).read_text())]
-
-    harmful = prompts_of("harmful_general.json") + [p for p, _ in harmful_retain_set()]
+    harmful = [p for p, _ in (*harmful_general_set(), *harmful_retain_set())]
     harmful += [c.question for c in load_instances(DATA / "safeedit_cases.json") if c.question]
-    benign = prompts_of("benign_general.json") + [p for p, _ in benign_retain_set()]
-    with XSTEST.open(newline="", encoding="utf-8") as handle:
-        xstest = list(csv.DictReader(handle))
+    benign = [*benign_general_prompts(), *(p for p, _ in benign_retain_set())]
+    xstest = xstest_dev()
     unsafe = np.array([row["label"] == "unsafe" for row in xstest])
     train_h, train_b = states(harmful), states(benign)
     test = states([row["prompt"] for row in xstest])

@@ -27,15 +27,15 @@ the same greedy tokens (tests/serving check the engine against plain generation)
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import statistics
 import time
 from pathlib import Path
 
+from harness import xstest_dev
+
 ROOT = Path(__file__).resolve().parents[1]
-XSTEST = ROOT / "tests" / "data" / "xstest" / "xstest_dev.csv"
 CASES = ROOT / "app" / "ml" / "data" / "safeedit_cases.json"
 GENERAL = ROOT / "tests" / "data" / "general_questions.json"
 DEFAULT_CONFIGS = ("default/1={}", "default={}")
@@ -72,8 +72,7 @@ def main() -> None:
     lm = load_model("demo")
     judge = load_judge("offline")
     cases = load_instances(CASES)
-    with XSTEST.open(newline="", encoding="utf-8") as handle:
-        xstest = list(csv.DictReader(handle))
+    xstest = xstest_dev()
     general = json.loads(GENERAL.read_text())
     measure = _Measure(lm, judge, cases, xstest, general, args.tokens)
 
