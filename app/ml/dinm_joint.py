@@ -58,8 +58,10 @@ from app.ml.safeedit import SafeEditInstance
 from app.ml.weight_shift import WeightShift, shifts_disabled, weight_shifts
 from app.ml.weights_cache import WeightsCache, weights_key
 
-# New tokens of the greedy answers by which an instance is judged still answered or refused.
-ANSWER_CHECK_TOKENS = 32
+# New tokens of the greedy answers by which an instance is judged still answered or refused: the
+# evaluation's default length (Settings.max_new_tokens), so that an answer which turns harmful
+# after its first sentence is caught here and not first in the job's own report.
+ANSWER_CHECK_TOKENS = 64
 # The model's own answers to the benign prompts, by weights and prompts: the same for every edit.
 _BASE_ANSWERS: WeightsCache[list[str]] = WeightsCache()
 
