@@ -1,6 +1,7 @@
 """What the API process can tell about the configured base model without loading it (it loads
 weights only to serve generation): its name, and its layer count when its `config.json` can be
-read (a local folder, or the demo model once converted). Torch-free."""
+read (a local folder, or the demo model once converted), and the full rank of its MLP output
+projections. Torch-free."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from app.ml.demo import DEMO_NAME
 from app.settings import Settings
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
+_INNER_KEYS = ("intermediate_size", "n_inner", "ffn_dim")
 
 
 def model_folder(settings: Settings) -> Path | None:
@@ -34,15 +37,31 @@ def model_name(settings: Settings) -> str:
 
 def layer_count(settings: Settings) -> int | None:
     """The model's decoder layers from its config.json; None when it cannot be read here."""
+    return _first_size(_config(settings), _LAYER_KEYS)
+
+
+def edit_rank_limit(settings: Settings) -> int | None:
+    """The full rank of an MLP output projection (the most a DINM `rank` can be), from
+    config.json; None when it cannot be read here."""
+    config = _config(settings)
+    hidden = _first_size(config, _HIDDEN_KEYS)
+    inner = _first_size(config, _INNER_KEYS) or (4 * hidden if hidden else None)  # GPT-2's n_inner
+    return min(hidden, inner) if hidden and inner else None
+
+
+def _config(settings: Settings) -> dict:
     folder = model_folder(settings)
     if folder is None:
-        return None
+        return {}
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        return None
-    config = config.get("text_config", config) if isinstance(config, dict) else {}
-    for key in _LAYER_KEYS:
+        return {}
+    return config.get("text_config", config) if isinstance(config, dict) else {}
+
+
+def _first_size(config: dict, keys: tuple[str, ...]) -> int | None:
+    for key in keys:
         value = config.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value

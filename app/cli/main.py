@@ -69,6 +69,9 @@ def dinm(
     steps: Annotated[int | None, typer.Option(help="tuning steps (from the preset)")] = None,
     lr: Annotated[float | None, typer.Option(help="learning rate (from the preset)")] = None,
     layer: Annotated[int | None, typer.Option(help="edit this layer instead of locating")] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="a low-rank edit of this rank (default: full rank)")
+    ] = None,
     params: Annotated[str | None, typer.Option(help="more DINM params as a JSON object")] = None,
     max_new_tokens: TokensOpt = None,
     as_json: JsonOpt = False,
@@ -80,7 +83,7 @@ def dinm(
     settings = get_settings()
     with fail_on_bad_input():
         overrides = parse_params_json(params)
-        flags = {"preset": preset, "steps": steps, "lr": lr, "layer": layer}
+        flags = {"preset": preset, "steps": steps, "lr": lr, "layer": layer, "rank": rank}
         overrides |= {k: v for k, v in flags.items() if v is not None}
         report = local.run_dinm(
             settings,

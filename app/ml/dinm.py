@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from app.ml.deltas import Delta, DenseUpdate, applied, fingerprint
+from app.ml.deltas import Delta, applied, fingerprint
 from app.ml.dinm_joint import dinm_edit_joint
 from app.ml.dinm_locate import (
     CancelCheck,
@@ -55,7 +55,7 @@ from app.ml.null_space import benign_directions
 from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner, PlainRunner, Runner
 from app.ml.safeedit import SafeEditInstance
-from app.ml.weight_shift import WeightShift, weight_shifts
+from app.ml.weight_shift import WeightShift, check_rank, weight_shifts
 from app.ml.weights_cache import WeightsCache, ids_key, weights_key
 
 # The pre-edit log-probabilities of the benign retain groups, by (device, ids, spans): the same for
@@ -78,6 +78,7 @@ def dinm_edit(
         return dinm_edit_joint(
             lm, [instance], params, progress=progress, should_cancel=should_cancel
         )
+    check_rank(lm.adapter.mlp_out(0).weight, params.rank, lm.adapter.spec.transposed)
     report = progress or (lambda _stage, _fraction: None)
     start = time.perf_counter()
     report("locate", 0.0)
@@ -93,12 +94,11 @@ def dinm_edit(
         bases = [
             benign_directions(lm, layer, data.retain, params.benign_projection) for layer in layers
         ]
-    with weight_shifts(modules, bases, lm.adapter.spec.transposed) as shifts:
+    with weight_shifts(modules, bases, lm.adapter.spec.transposed, params.rank) as shifts:
         objective = _objective(lm, min(layers), params, data, keys)
         losses = _tune(objective, params, shifts, report, should_cancel)
         updates = {
-            name: DenseUpdate(shift.update().detach().to(lm.dtype))
-            for name, shift in zip(names, shifts, strict=True)
+            name: shift.to_update(lm.dtype) for name, shift in zip(names, shifts, strict=True)
         }
     delta = Delta(updates, base_fingerprint, {"model": lm.name, "method": "dinm"})
     seconds = time.perf_counter() - start
@@ -276,7 +276,7 @@ def _tune(
     report: Progress,
     should_cancel: CancelCheck | None,
 ) -> list[float]:
-    optimizer = torch.optim.Adam([shift.delta for shift in shifts], lr=params.lr)
+    optimizer = torch.optim.Adam([p for shift in shifts for p in shift.trainable()], lr=params.lr)
     losses: list[float] = []
     report("tune", 0.0)
     for step in range(params.steps):

@@ -36,7 +36,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
-from app.ml.deltas import Delta, DenseUpdate, fingerprint
+from app.ml.deltas import Delta, fingerprint
 from app.ml.dinm_locate import CancelCheck, DinmResult, Progress, layer_distances
 from app.ml.dinm_objective import (
     AnswerGroup,
@@ -55,7 +55,7 @@ from app.ml.models import LoadedModel
 from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner, PlainRunner, Read, Runner
 from app.ml.safeedit import SafeEditInstance
-from app.ml.weight_shift import WeightShift, shifts_disabled, weight_shifts
+from app.ml.weight_shift import WeightShift, check_rank, shifts_disabled, weight_shifts
 from app.ml.weights_cache import WeightsCache, weights_key
 
 # New tokens of the greedy answers by which an instance is judged still answered or refused: the
@@ -78,6 +78,7 @@ def dinm_edit_joint(
     """One delta from all `instances` (see the module docstring); the model is left as it was."""
     if not instances:
         raise InputError("no instances to edit on")
+    check_rank(lm.adapter.mlp_out(0).weight, params.rank, lm.adapter.spec.transposed)
     report = progress or (lambda _stage, _fraction: None)
     start = time.perf_counter()
     report("locate", 0.0)
@@ -94,7 +95,7 @@ def dinm_edit_joint(
         FastRunner(lm, layers[0], sequences) if params.fast_path else PlainRunner(lm, 0, sequences)
     )
     report("prepare", 1.0)
-    with weight_shifts(modules, transposed=lm.adapter.spec.transposed) as shifts:
+    with weight_shifts(modules, transposed=lm.adapter.spec.transposed, rank=params.rank) as shifts:
         objective = _JointObjective(runner, harmful, benign, own, shifts, params)
         answering = _answering(lm, instances) if params.instance_steps else None
         losses, unrefused = _tune(objective, params, report, should_cancel, answering)
@@ -104,8 +105,7 @@ def dinm_edit_joint(
             for i in unrefused
         ]
         updates = {
-            name: DenseUpdate(shift.update().detach().to(lm.dtype))
-            for name, shift in zip(names, shifts, strict=True)
+            name: shift.to_update(lm.dtype) for name, shift in zip(names, shifts, strict=True)
         }
     delta = Delta(updates, base_fingerprint, {"model": lm.name, "method": "dinm"})
     seconds = time.perf_counter() - start
@@ -306,7 +306,9 @@ def _tune(
 ) -> tuple[list[float], list[int]]:
     """The steps, then (with `instance_steps`) steps on the instances still answered; the
     losses and the instances still answered at the end."""
-    optimizer = torch.optim.Adam([shift.delta for shift in objective.shifts], lr=params.lr)
+    optimizer = torch.optim.Adam(
+        [p for shift in objective.shifts for p in shift.trainable()], lr=params.lr
+    )
     most = params.steps + params.instance_steps  # progress: a share of the most steps there can be
     losses: list[float] = []
 

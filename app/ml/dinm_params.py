@@ -214,6 +214,13 @@ class DinmParams(Params):
         "model still answers (greedy, judged by the offline judge), the benign KL still on "
         "(0: off)",
     )
+    rank: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="tune each edited projection's update as a rank-r product B·A and keep it "
+        "as a low-rank delta, exact in a LoRA export (None: a dense update of full rank)",
+    )
     suffix_system_prompt: str | None = Field(
         None, max_length=2000, description='text appended to the prompt while editing; "paper"'
     )

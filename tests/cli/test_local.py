@@ -155,3 +155,17 @@ def test_overlong_prompt_is_left_truncated_with_a_warning(model_dir, tmp_path):
     code, stdout, _ = run("dinm", path, "--case", CASE_ID, "--model", model_dir, "--json", *FAST)
     assert code == 0
     assert any("cut on the left" in w for w in json.loads(stdout)["warnings"])
+
+
+def test_a_low_rank_edit_writes_a_low_rank_delta(model_dir, cases, tmp_path):
+    from app.ml.deltas import Delta
+
+    out = tmp_path / "out"
+    args = ("dinm", cases, "--case", CASE_ID, "--model", model_dir, "--out", out, *FAST)
+    code, _, _ = run(*args, "--rank", "2", "--json")
+    assert code == 0
+    delta = Delta.from_bytes((out / "delta.safetensors").read_bytes())
+    assert delta.encoding == "lowrank"
+    assert all(update.a.shape[0] == 2 for update in delta.updates.values())
+    code, stdout, stderr = run(*args, "--rank", "1000")  # the tiny model's projections: 32x64
+    assert code == 2 and stdout == "" and "rank 1000 is outside 1..32" in stderr

@@ -74,9 +74,11 @@ def test_fast_path_gives_the_same_delta_as_the_plain_loop(family, extra):
     assert sorted(fast.delta.params) == sorted(
         lm.adapter.mlp_out_param_name(i) for i in fast.layers
     )
+    # The two paths sum in different orders, and threaded kernels split those sums by CPU: updates
+    # of ~1e-2 agree to ~3e-6 on an AMD EPYC with two threads (1e-6 elsewhere).
     for name in fast.delta.params:
         torch.testing.assert_close(
-            fast.delta.updates[name].value, plain.delta.updates[name].value, rtol=1e-4, atol=1e-6
+            fast.delta.updates[name].value, plain.delta.updates[name].value, rtol=1e-4, atol=1e-5
         )
     assert fast.losses == pytest.approx(plain.losses, rel=1e-4)
 
