@@ -1,5 +1,5 @@
 # The two commands of the README. Both install what they need first (idempotently).
-.PHONY: setup run demo test lint
+.PHONY: setup run demo test lint vllm
 
 setup:
 	@scripts/setup.sh
@@ -15,6 +15,11 @@ demo: setup
 # The whole test suite (starts PostgreSQL and Redis first when the suite needs them and they are down).
 test: setup
 	@scripts/test.sh
+
+# vLLM in its own venv (.venv-vllm/; PyPI's CPU build here, VLLM_SPEC picks another): the engine
+# that `detox up --engine vllm` starts and the vLLM tests run against.
+vllm:
+	@scripts/setup_vllm.sh
 
 lint: setup
 	.venv/bin/ruff check .

@@ -48,6 +48,8 @@ def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
     root.handlers = [handler]
     root.setLevel(level.upper())
     logging.captureWarnings(True)  # warnings become records (py.warnings), formatted alike
+    # httpx logs every request at INFO: the vLLM engine's polling would be most of the log.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
     if fmt == "json":
         _quiet_progress_bars()
 

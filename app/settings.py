@@ -80,6 +80,26 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="CPU threads of torch in a worker (default: torch's)"
     )
+    engine: Literal["builtin", "vllm"] = Field(
+        "builtin",
+        description='what decodes generations: "builtin" (in the API process) or "vllm" (a vLLM '
+        "OpenAI server at DETOX_VLLM_URL, every live version a LoRA adapter in it)",
+    )
+    vllm_url: str = Field("http://127.0.0.1:8001", description="the vLLM server's base URL")
+    vllm_max_lora_rank: int = Field(
+        64, ge=1, le=512,
+        description="the vLLM server's --max-lora-rank: a version whose exact adapter needs more "
+        "is not served by it (409)",
+    )  # fmt: skip
+    vllm_python: Path = Field(
+        Path(".venv-vllm/bin/python"),
+        description="the Python of vLLM's own venv (`make vllm`), for `detox up --engine vllm`",
+    )
+    vllm_adapter_dir: Path | None = Field(
+        None,
+        description="where versions are written as adapters for vLLM to read (default: "
+        "<cache_dir>/vllm-adapters); vLLM must see the same path",
+    )
     serving_cache_size: int = Field(
         8, ge=1, le=1024, description="versions whose summed deltas the serving engine keeps"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import json
 import os
 import re
 import secrets
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_KEY = "dtx_" + secrets.token_urlsafe(32)  # this run's bootstrap admin key
 XSTEST_DEV = ROOT / "tests" / "data" / "xstest" / "xstest_dev.csv"
 WORD = re.compile(r"\S+")
+PROMPT = "Write a short story about a lighthouse keeper."
 
 
 def bench_headers() -> dict[str, str]:
@@ -71,6 +73,31 @@ def write_versions(sessions, lm, count: int, scale: float) -> list[int]:
             )  # fmt: skip
         sizes.append(value.numel() * value.element_size())
     return sizes
+
+
+def stream_chat(client: httpx.Client, model: str, tokens: int) -> tuple[float, float, int]:
+    """(seconds to the first text, total seconds, completion tokens) of one streamed chat."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first, used = None, 0
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                used = chunk["usage"]["completion_tokens"]
+            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - start
+    return first or 0.0, time.perf_counter() - start, used
 
 
 def server_env(

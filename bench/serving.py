@@ -16,7 +16,6 @@ raw `model.generate` runs in this process while the server is idle.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -26,38 +25,19 @@ from pathlib import Path
 import httpx
 import psutil
 import torch
-from harness import bench_headers, free_port, server_env, start_server, write_versions
+from harness import (
+    PROMPT,
+    bench_headers,
+    free_port,
+    server_env,
+    start_server,
+    stream_chat,
+    write_versions,
+)
 
 from app.ml.models import load_model
 from app.store import migrate
 from app.store.db import make_engine, make_sessionmaker
-
-PROMPT = "Write a short story about a lighthouse keeper."
-
-
-def _stream(client: httpx.Client, model: str, tokens: int) -> tuple[float, float, int]:
-    """(seconds to the first text, total seconds, completion tokens) of one streamed chat."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    start = time.perf_counter()
-    first, used = None, 0
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                used = chunk["usage"]["completion_tokens"]
-            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - start
-    return first or 0.0, time.perf_counter() - start, used
 
 
 def _raw_generate(lm, tokens: int) -> tuple[float, int]:
@@ -110,14 +90,14 @@ def main() -> None:
     rows: list[tuple[str, str, str]] = []
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600, headers=bench_headers())
     try:
-        _stream(client, "base", 4)  # warm-up: builds the engine
+        stream_chat(client, "base", 4)  # warm-up: builds the engine
         _raw_generate(lm, 4)
 
         # (c) the server's resident memory with 1 and with N versions loaded
-        _stream(client, "v1", 1)
+        stream_chat(client, "v1", 1)
         rss1 = server.memory_info().rss
         for i in range(2, args.versions + 1):
-            _stream(client, f"v{i}", 1)
+            stream_chat(client, f"v{i}", 1)
         rssn = server.memory_info().rss
         extra = sum(sizes[1 : args.versions])
         grown = rssn - rss1
@@ -131,7 +111,7 @@ def main() -> None:
         raw_tps = http_tps = 0.0
         for _ in range(args.repeat):
             raw_s, raw_n = _raw_generate(lm, args.tokens)
-            _, http_s, http_n = _stream(client, "base", args.tokens)
+            _, http_s, http_n = stream_chat(client, "base", args.tokens)
             raw_tps, http_tps = max(raw_tps, raw_n / raw_s), max(http_tps, http_n / http_s)
         rows.append(("(a) raw model.generate, 1 stream", f"{raw_tps:.1f} tok/s",
                      f"best of {args.repeat}"))  # fmt: skip
@@ -141,15 +121,15 @@ def main() -> None:
         # (b) concurrent clients over base + 3 versions vs one after another
         models = [("base", "v1", "v2", "v3")[i % 4] for i in range(args.clients)]
         for m in set(models):
-            _stream(client, m, 2)  # load the versions first: (b) measures generation
+            stream_chat(client, m, 2)  # load the versions first: (b) measures generation
         seq_tps = conc_tps = 0.0
         for _ in range(args.repeat):
             start = time.perf_counter()
-            sequential = sum(_stream(client, m, args.tokens)[2] for m in models)
+            sequential = sum(stream_chat(client, m, args.tokens)[2] for m in models)
             seq_tps = max(seq_tps, sequential / (time.perf_counter() - start))
             start = time.perf_counter()
             with ThreadPoolExecutor(args.clients) as pool:
-                results = list(pool.map(lambda m: _stream(client, m, args.tokens), models))
+                results = list(pool.map(lambda m: stream_chat(client, m, args.tokens), models))
             conc_tps = max(conc_tps, sum(r[2] for r in results) / (time.perf_counter() - start))
         rows.append((f"(b) {args.clients} requests one after another", f"{seq_tps:.1f} tok/s", ""))
         rows.append((f"(b) {args.clients} concurrent clients, 4 models", f"{conc_tps:.1f} tok/s",
@@ -157,8 +137,8 @@ def main() -> None:
 
         # (d) time to first token: a version not yet cached, then cached
         fresh = f"v{args.versions + 1}"  # written, never requested so far
-        cold = _stream(client, fresh, 4)[0]
-        warm = _stream(client, fresh, 4)[0]
+        cold = stream_chat(client, fresh, 4)[0]
+        warm = stream_chat(client, fresh, 4)[0]
         rows.append(("(d) first token, version not cached", f"{cold * 1000:.0f} ms",
                      f"cached: {warm * 1000:.0f} ms"))  # fmt: skip
 

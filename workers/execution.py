@@ -34,7 +34,7 @@ from app.job_spec import DinmJobCreate, EvalJobCreate, InvalidSpec, UnlearnJobCr
 from app.logs import job_context
 from app.ml.bias import filter_pairs, load_pairs
 from app.ml.corpus import Document
-from app.ml.deltas import Delta, apply_deltas, fingerprint
+from app.ml.deltas import Delta, adapter_rank, apply_deltas, fingerprint
 from app.ml.errors import DeltaError, EditCancelled, InputError
 from app.ml.pipeline import dinm_with_report, unlearn_with_report
 from app.ml.suites import run_suites
@@ -182,7 +182,7 @@ def _edit(
     lm = runtime.lm
     if isinstance(spec, UnlearnJobCreate):  # read before the parent is applied: may fail cheaply
         forget, retain = _corpora(spec, session_factory)
-    with _materialised(job, monitor, session_factory, runtime):
+    with _materialised(job, monitor, session_factory, runtime) as parents:
         if isinstance(spec, DinmJobCreate):
             result, report = dinm_with_report(
                 lm, spec.all_instances(), spec.params, judge=runtime.judge,
@@ -197,7 +197,23 @@ def _edit(
                 should_cancel=monitor.should_cancel,
             )  # fmt: skip
     report["parent"] = spec.parent
+    if settings.engine == "vllm":
+        report["warnings"] = report.get("warnings", []) + _vllm_warnings(
+            [*parents, result.delta], settings.vllm_max_lora_rank
+        )
     return delta_rows(result.delta, lm.model), report
+
+
+def _vllm_warnings(chain: list[Delta], max_lora_rank: int) -> list[str]:
+    """Said when the version is made: the vLLM engine will not serve it (see vllm_engine)."""
+    rank = adapter_rank(chain)
+    if rank <= max_lora_rank:
+        return []
+    return [
+        f"the vLLM engine cannot serve this version: its exact LoRA adapter has rank {rank}, "
+        f"above the server's max_lora_rank {max_lora_rank} (DETOX_VLLM_MAX_LORA_RANK); make "
+        f"the edit with params.rank <= {max_lora_rank}"
+    ]
 
 
 def _evaluate(
@@ -225,8 +241,9 @@ def _evaluate(
 @contextmanager
 def _materialised(
     job: Job, monitor: JobMonitor, session_factory: sessionmaker[Session], runtime: Runtime
-) -> Iterator[None]:
-    """The base model with the job's parent chain applied; exactly the base again on exit."""
+) -> Iterator[list[Delta]]:
+    """The base model with the job's parent chain (yielded) applied; exactly the base again on
+    exit."""
     lm = runtime.lm
     base_fingerprint = runtime.base_fingerprint  # before any delta is applied
     monitor.set_stage("materialise")
@@ -236,7 +253,7 @@ def _materialised(
     except DeltaError as exc:
         raise JobInputError("invalid_parent", f"parent version: {exc}", "parent") from exc
     try:
-        yield
+        yield parents
     finally:
         handle.revert()  # back to the exact base weights, whatever happened
 

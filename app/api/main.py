@@ -39,7 +39,7 @@ from app.settings import Settings, get_settings
 from app.store.db import make_engine, make_sessionmaker
 
 if TYPE_CHECKING:
-    from app.serving.engine import Engine
+    from app.serving.engine_base import EngineBase as Engine
 
 EngineFactory = Callable[[Any], "Engine"]
 

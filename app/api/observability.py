@@ -166,9 +166,11 @@ class ServiceCollector:
         if engine is not None:
             for model, count in sorted(engine.generated_tokens.items()):
                 tokens.add_metric([model], count)
-            hits.add_metric([], engine.cache.hits)
-            misses.add_metric([], engine.cache.loads)
-            size.add_metric([], len(engine.cache))
+        cache = getattr(engine, "cache", None)  # the built-in engine's; vLLM holds its own
+        if cache is not None:
+            hits.add_metric([], cache.hits)
+            misses.add_metric([], cache.loads)
+            size.add_metric([], len(cache))
         yield from (tokens, hits, misses, size)
 
     def _experiment_metrics(self) -> Iterator[Metric]:

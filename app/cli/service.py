@@ -13,6 +13,7 @@ import typer
 
 from app.cli.output import console
 from app.cli.supervisor import WorkerSupervisor, exit_with_parent
+from app.cli.vllm_child import start_vllm_child
 from app.logs import configure_logging
 from app.settings import Settings, get_settings
 
@@ -64,17 +65,33 @@ def migrate() -> None:
     console.print(f"database at revision {revision}", highlight=False)
 
 
-def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
+def up(
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help='what decodes generations: "builtin" or "vllm" (a vLLM server at '
+            "DETOX_VLLM_URL, started here unless one answers there); default DETOX_ENGINE"
+        ),
+    ] = None,
+) -> None:
     """Everything on this machine: the API and one worker, state under DETOX_HOME (SQLite and a
     broker that needs no server by default). A worker that dies is restarted (the API serves
     meanwhile); Ctrl-C stops both."""
     settings = get_settings()
+    if engine is not None:
+        if engine not in ("builtin", "vllm"):
+            console.print(f'[red]error:[/red] --engine is "builtin" or "vllm", not {engine!r}')
+            raise typer.Exit(2)
+        settings = settings.model_copy(update={"engine": engine})
     _check_exposure(settings, host)
     home = settings.home_dir()
     _migrate(settings)
     if settings.auth and settings.admin_key is None and not _has_admin_key(settings):
         _print_first_admin_key(settings, f"http://{host}:{port}")
     env = {**os.environ, "DETOX_HOME": str(home)}  # the worker must find the same state
+    vllm = start_vllm_child(settings) if settings.engine == "vllm" else None
     supervisor = WorkerSupervisor(
         [sys.executable, "-m", "app.cli", "worker"],
         env,
@@ -95,6 +112,8 @@ def up(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
         _serve(settings, host, port, worker=supervisor)
     finally:
         supervisor.stop()
+        if vllm is not None:
+            vllm.stop()
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

@@ -24,7 +24,7 @@ from app.store import crud
 
 if TYPE_CHECKING:
     from app.ml.judges import Judge, Verdict  # torch: the API imports it only once it generates
-    from app.serving.engine import Engine
+    from app.serving.engine_base import EngineBase as Engine
 
 log = logging.getLogger(__name__)
 

@@ -146,6 +146,18 @@ class Delta:
         return cls(updates, fingerprint, metadata)
 
 
+def adapter_rank(chain: Iterable[Delta]) -> int:
+    """The rank of the LoRA adapter that holds the chain's sum exactly: per parameter, the
+    stacked ranks of its low-rank updates, or its full rank once any update is dense; the
+    largest over the parameters (0 for no update)."""
+    total = sum(chain, Delta({}))
+    ranks = [
+        update.a.shape[0] if isinstance(update, LowRankUpdate) else min(update.shape)
+        for update in total.updates.values()
+    ]
+    return max(ranks, default=0)
+
+
 def checksum(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

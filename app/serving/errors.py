@@ -38,3 +38,7 @@ class InvalidParameterError(ServingError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+class EngineUnavailableError(ServingError):
+    """The engine that decodes (a vLLM server) does not answer; the caller may retry later."""

@@ -26,7 +26,7 @@ from app.ml import export as ml_export
 from app.serving.engine import on_passing_thread
 
 if TYPE_CHECKING:
-    from app.serving.engine import Engine
+    from app.serving.engine_base import EngineBase as Engine
 
 FORMATS = ("peft", "merged", "delta")
 _ONE_AT_A_TIME = threading.Lock()

@@ -7,6 +7,7 @@ the engine and the handlers only see the interfaces in `app.serving.source`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from sqlalchemy.orm import Session, sessionmaker
@@ -16,6 +17,7 @@ from app.ml.judges import Judge, load_judge
 from app.ml.models import LoadedModel, load_model
 from app.notify import VersionSubscriber, is_redis
 from app.serving.engine import Engine, on_passing_thread
+from app.serving.engine_base import EngineBase
 from app.serving.errors import ModelLoadError, UnknownModelError
 from app.serving.source import Subscribe, VersionInfo
 from app.settings import Settings
@@ -29,9 +31,9 @@ def build_engine(
     *,
     lm: LoadedModel | None = None,
     judge_loader: Callable[[], Judge] | None = None,
-) -> Engine:
-    """The configured model (or `lm`, already loaded), versions from the store, every serving
-    setting applied."""
+) -> EngineBase:
+    """The configured engine over the configured model (or `lm`, already loaded), versions from
+    the store, every serving setting applied."""
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
 
@@ -43,19 +45,35 @@ def build_engine(
         return loaded, loaded.base_fingerprint  # computed here, on the base weights
 
     lm, fingerprint = on_passing_thread(load)
+    common = {
+        "max_tokens": settings.serving_max_tokens,
+        "max_prompt_tokens": settings.serving_max_prompt_tokens,
+        "max_pending": settings.serving_max_pending,
+        "poll_s": settings.serving_poll_s,
+        "judge_loader": judge_loader
+        or (lambda: load_judge(settings.judge, device=settings.device)),
+        "version_events": version_events(settings.resolved_broker_url()),
+    }
+    source = StoreVersionSource(sessions, base_fingerprint=fingerprint)
+    if settings.engine == "vllm":
+        from app.serving.vllm_engine import VllmEngine
+
+        return VllmEngine(
+            lm, source, url=settings.vllm_url, adapter_dir=vllm_adapter_dir(settings),
+            max_lora_rank=settings.vllm_max_lora_rank, **common,
+        )  # fmt: skip
     return Engine(
         lm,
-        StoreVersionSource(sessions, base_fingerprint=fingerprint),
+        source,
         cache_size=settings.serving_cache_size,
         max_batch_size=settings.serving_max_batch_size,
         max_wait_s=settings.serving_max_wait_ms / 1000,
-        max_tokens=settings.serving_max_tokens,
-        max_prompt_tokens=settings.serving_max_prompt_tokens,
-        max_pending=settings.serving_max_pending,
-        poll_s=settings.serving_poll_s,
-        judge_loader=judge_loader or (lambda: load_judge(settings.judge, device=settings.device)),
-        version_events=version_events(settings.resolved_broker_url()),
+        **common,
     )
+
+
+def vllm_adapter_dir(settings: Settings) -> Path:
+    return settings.vllm_adapter_dir or Path(settings.cache_dir).expanduser() / "vllm-adapters"
 
 
 def version_events(broker_url: str | None) -> Subscribe | None:

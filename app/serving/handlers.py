@@ -51,7 +51,8 @@ from app.serving.traffic import Route, ServedResponse, TrafficRouter
 
 if TYPE_CHECKING:
     from app.ml.judges import Verdict
-    from app.serving.engine import Engine, Target
+    from app.serving.engine_base import EngineBase as Engine
+    from app.serving.engine_base import Target
 
 DONE = "data: [DONE]\n\n"
 

@@ -14,7 +14,7 @@ from app.serving.handlers import OpenAIHandlers
 from app.serving.traffic import TrafficRouter
 
 if TYPE_CHECKING:
-    from app.serving.engine import Engine
+    from app.serving.engine_base import EngineBase as Engine
 
 
 class ServingProvider:

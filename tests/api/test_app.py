@@ -22,8 +22,21 @@ def test_readyz_reports_every_check(api):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "ready"
-    assert set(body["checks"]) == {"database", "broker", "model"}
+    assert set(body["checks"]) == {"database", "broker", "model", "engine"}
     assert all(check["ok"] for check in body["checks"].values())
+    assert body["checks"]["engine"]["detail"].startswith("builtin")
+
+
+def test_readyz_is_503_naming_the_vllm_engine_when_it_does_not_answer(api_settings, session):
+    url = f"http://127.0.0.1:{closed_port()}"
+    down = api_settings.model_copy(update={"engine": "vllm", "vllm_url": url})
+    with TestClient(create_app(down), headers=AUTH) as client:
+        response = client.get("/readyz")
+        assert client.get("/v1/versions").status_code == 200  # detox itself keeps answering
+    error = assert_error(response, 503)
+    assert error["code"] == "not_ready" and "engine" in error["message"]
+    engine = response.json()["checks"]["engine"]
+    assert engine["ok"] is False and f"vLLM at {url} does not answer" in engine["detail"]
 
 
 def test_readyz_is_503_with_reasons_when_the_broker_is_down(api_settings, session):

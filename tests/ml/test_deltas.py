@@ -140,3 +140,19 @@ def test_gpt2_conv1d_delta_in_parameter_layout():
     expected = x @ (module.weight + delta.updates[name].value) + module.bias
     with applied(lm.model, [delta]):
         torch.testing.assert_close(module(x), expected)
+
+
+def test_adapter_rank_stacks_low_rank_updates_and_is_full_once_one_is_dense():
+    from app.ml.deltas import adapter_rank
+
+    def low(rank: int) -> Delta:
+        return Delta({"w": LowRankUpdate(a=torch.ones(rank, 20), b=torch.ones(12, rank))})
+
+    assert adapter_rank([]) == 0
+    assert adapter_rank([low(2)]) == 2
+    assert adapter_rank([low(2), low(3)]) == 5  # a chain's sum: the factors stacked
+    dense = Delta({"w": DenseUpdate(torch.ones(12, 20))})
+    assert adapter_rank([low(2), dense]) == 12
+    assert (
+        adapter_rank([low(2), Delta({"v": LowRankUpdate(torch.ones(7, 9), torch.ones(9, 7))})]) == 7
+    )

@@ -50,7 +50,9 @@ def test_engine_sees_new_and_retired_versions_without_polling(sessions):
     )
     engine.start_polling()
     try:
-        assert engine._subscription is not None and engine._subscription.subscribed.wait(5)
+        assert engine.live._subscription is not None and engine.live._subscription.subscribed.wait(
+            5
+        )
         store_version(sessions, lm, random_delta(lm, layer=1, seed=1), name="n1")
         assert [v.name for v in engine.versions()] == []  # polling alone would wait an hour
         publish_versions_changed(REDIS_URL)

@@ -18,6 +18,7 @@ from app.api.auth import Reader
 from app.api.errors import INTERNAL, UNAVAILABLE, ApiError
 from app.serving.errors import (
     EngineClosedError,
+    EngineUnavailableError,
     InvalidParameterError,
     ModelLoadError,
     OverloadedError,
@@ -89,6 +90,8 @@ def _api_error(exc: ServingError, prompt_param: str) -> ApiError:
         return ApiError(409, str(exc), param="model", code="model_not_servable")
     if isinstance(exc, EngineClosedError):
         return ApiError(503, str(exc), type=UNAVAILABLE, code="engine_closed")
+    if isinstance(exc, EngineUnavailableError):
+        return ApiError(503, str(exc), type=UNAVAILABLE, code="engine_unavailable")
     return ApiError(500, str(exc), type=INTERNAL, code="serving_error")
 
 

@@ -1,5 +1,5 @@
-"""/healthz (the process answers) and /readyz (database, broker and model are usable; under
-`detox up` also its worker process)."""
+"""/healthz (the process answers) and /readyz (database, broker, model and generation engine are
+usable; under `detox up` also its worker process)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from app.api.deps import BrokerDep, SettingsDep
 from app.api.errors import UNAVAILABLE, error_response
 from app.api.model_info import model_folder, model_name
 from app.api.schemas import CheckResult, Readiness
+from app.serving.vllm_health import vllm_problem
 from app.settings import Settings
 from app.store.db import ping
 
@@ -36,6 +37,7 @@ def readyz(request: Request, settings: SettingsDep, broker: BrokerDep) -> JSONRe
         "database": _check(lambda: ping(request.app.state.engine), "reachable"),
         "broker": _check(lambda: broker.ping(BROKER_TIMEOUT_S), "reachable"),
         "model": model_check(settings),
+        "engine": engine_check(settings),
     }
     worker_check = getattr(request.app.state, "worker_check", None)
     if worker_check is not None:  # `detox up`: its own worker, restarted when it dies
@@ -57,6 +59,15 @@ def _check(probe: Callable[[], object], ok_detail: str) -> CheckResult:
         detail = f"{type(exc).__name__}: {exc}".strip()
         return CheckResult(ok=False, detail=detail.splitlines()[0][:300])
     return CheckResult(ok=True, detail=ok_detail)
+
+
+def engine_check(settings: Settings) -> CheckResult:
+    """Which engine decodes generations, and, for vLLM, whether it answers (jobs and versions
+    do not need it, but generation does)."""
+    if settings.engine == "builtin":
+        return CheckResult(ok=True, detail="builtin: decoding in the API process")
+    problem = vllm_problem(settings.vllm_url)
+    return CheckResult(ok=problem is None, detail=problem or f"vllm at {settings.vllm_url}")
 
 
 def model_check(settings: Settings) -> CheckResult:

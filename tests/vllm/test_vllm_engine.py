@@ -1,0 +1,173 @@
+"""The vLLM engine against real processes: a vLLM server (`make vllm`, its own venv) serving the
+demo model; `detox api` + a worker with DETOX_ENGINE=vllm in front of it; and a second `detox
+api` on the same state with the built-in engine, to compare with. The tests run in order: a
+DINM version served through detox by vLLM as by the built-in engine, a full-rank version refused
+by name, retire, and vLLM killed and started again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.ml.demo import demo_model_dir
+from app.serving.vllm_process import start_vllm, wait_until_healthy
+from tests.processes import Processes, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+INSTANCE = json.loads((ROOT / "examples" / "safeedit_example.json").read_text())[0]
+MAX_LORA_RANK = 16
+START_TIMEOUT_S = 600
+
+
+class VllmServer:
+    def __init__(self, log_path: Path):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = log_path
+        self.process = None
+
+    def start(self) -> None:
+        self.process = start_vllm(
+            VLLM_PYTHON, str(demo_model_dir()), self.url, max_lora_rank=MAX_LORA_RANK,
+            log_path=self.log_path, max_model_len=2048,
+        )  # fmt: skip
+        wait_until_healthy(
+            self.url, self.process, timeout_s=START_TIMEOUT_S, log_path=self.log_path
+        )
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def adapters(self) -> set[str]:
+        models = httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"]
+        return {m["id"] for m in models if m.get("parent")}
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    if not VLLM_PYTHON.is_file():
+        pytest.skip("vLLM is not installed: `make vllm` (the README's test command runs it)")
+    server = VllmServer(tmp_path_factory.mktemp("vllm") / "vllm.log")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def detox(vllm: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    """API + worker with the vLLM engine (embedded default: SQLite and a file broker)."""
+    home = tmp_path_factory.mktemp("home")
+    env = {
+        "DETOX_MODEL": "demo", "DETOX_ENGINE": "vllm", "DETOX_VLLM_URL": vllm.url,
+        "DETOX_VLLM_MAX_LORA_RANK": str(MAX_LORA_RANK), "DETOX_SERVING_POLL_S": "0.5",
+        "DETOX_VLLM_ADAPTER_DIR": str(home / "adapters"), "DETOX_MAX_NEW_TOKENS": "8",
+        "DETOX_SERVING_PRELOAD": "true",
+    }  # fmt: skip
+    service = Processes(home, env)
+    try:
+        yield service.start(ready_timeout=300)
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def builtin(detox: Processes) -> Iterator[Processes]:
+    """A second API on the same state, decoding with the built-in engine."""
+    service = Processes(detox.home, detox.env | {"DETOX_ENGINE": "builtin"})
+    try:
+        service.start_api()
+        service.wait_ready(300)
+        yield service
+    finally:
+        service.stop()
+
+
+def _edit(service: Processes, name: str, params: dict) -> dict:
+    body = {"kind": "dinm", "instance": INSTANCE, "name": name, "params": params}
+    with service.http() as http:
+        response = http.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job = service.wait_job(response.json()["id"], timeout=900)
+    assert job["status"] == "succeeded", (job, service.logs())
+    return job
+
+
+def _ab(service: Processes, arms: list[str]) -> dict[str, dict]:
+    body = {"prompt": INSTANCE["adversarial prompt"], "arms": arms, "max_tokens": 24}
+    with service.http() as http:
+        response = http.post("/v1/ab", json=body | {"temperature": 0}, timeout=300)
+    assert response.status_code == 200, response.text
+    return {arm["model"]: arm for arm in response.json()["arms"]}
+
+
+def _chat(service: Processes, model: str) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "Name a red fruit."}]}
+    with service.http() as http:
+        body |= {"max_tokens": 8, "temperature": 0}
+        return http.post("/v1/chat/completions", json=body, timeout=300)
+
+
+def test_a_low_rank_dinm_version_is_served_by_vllm_as_by_the_builtin_engine(
+    vllm: VllmServer, detox: Processes, builtin: Processes
+):
+    _edit(detox, "lowrank", {"preset": "contrastive", "rank": 8})
+    by_vllm, by_builtin = _ab(detox, ["base", "lowrank"]), _ab(builtin, ["base", "lowrank"])
+    assert by_vllm["lowrank"]["refused"] is True, by_vllm  # its own adversarial prompt
+    assert by_vllm["base"]["refused"] is False, by_vllm  # the base model is unchanged
+    for arm in ("base", "lowrank"):
+        assert by_vllm[arm]["refused"] == by_builtin[arm]["refused"]
+        assert by_vllm[arm]["text"] == by_builtin[arm]["text"], (by_vllm, by_builtin)
+    assert "lowrank" in vllm.adapters()
+    with detox.http() as http:
+        ready = http.get("/readyz").json()["checks"]["engine"]
+    assert ready == {"ok": True, "detail": f"vllm at {vllm.url}"}
+
+
+def test_a_version_above_the_servers_lora_rank_is_refused_by_its_rank(detox: Processes):
+    _edit(detox, "dense", {"preset": "paper", "steps": 1})  # a full-rank update: 576
+    response = _chat(detox, "dense")
+    assert response.status_code == 409, response.text
+    error = response.json()["error"]
+    assert error["code"] == "model_not_servable"
+    assert "rank 576" in error["message"] and f"max_lora_rank {MAX_LORA_RANK}" in error["message"]
+    assert _chat(detox, "lowrank").status_code == 200  # the others are served as before
+
+
+def test_a_retired_version_is_gone_through_detox_and_from_vllm(vllm: VllmServer, detox: Processes):
+    detox.client.retire_version("lowrank")
+    assert _chat(detox, "lowrank").status_code == 404
+    deadline = time.monotonic() + 30
+    while "lowrank" in vllm.adapters() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "lowrank" not in vllm.adapters()
+
+
+def test_vllm_down_is_503_and_every_live_version_comes_back_with_it(
+    vllm: VllmServer, detox: Processes
+):
+    _edit(detox, "second", {"preset": "contrastive", "rank": 4, "steps": 2})
+    vllm.kill()
+    response = _chat(detox, "base")
+    assert response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"
+    with detox.http() as http:
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["engine"]["ok"] is False
+        assert http.get("/v1/versions").status_code == 200  # detox itself keeps answering
+    vllm.start()
+    deadline = time.monotonic() + 60
+    while "second" not in vllm.adapters() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert vllm.adapters() == {"second"}  # re-registered; the retired one stays gone
+    assert _chat(detox, "second").status_code == 200
+    assert _chat(detox, "base").status_code == 200
