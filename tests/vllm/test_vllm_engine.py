@@ -2,13 +2,16 @@
 demo model; `detox api` + a worker with DETOX_ENGINE=vllm in front of it; and a second `detox
 api` on the same state with the built-in engine, to compare with. The tests run in order: a
 DINM version served through detox by vLLM as by the built-in engine, a full-rank version refused
-by name, retire, and vLLM killed and started again."""
+by name, retire, vLLM killed and started again; then `detox up --engine vllm` with a vLLM that
+answers, with one it starts itself, and with none installed."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +20,7 @@ import httpx
 import pytest
 
 from app.ml.demo import demo_model_dir
+from app.serving.vllm_health import vllm_problem
 from app.serving.vllm_process import start_vllm, wait_until_healthy
 from tests.processes import Processes, free_port
 
@@ -171,3 +175,63 @@ def test_vllm_down_is_503_and_every_live_version_comes_back_with_it(
     assert vllm.adapters() == {"second"}  # re-registered; the retired one stays gone
     assert _chat(detox, "second").status_code == 200
     assert _chat(detox, "base").status_code == 200
+
+
+def _up(tmp_path: Path, vllm_url: str, **env: str) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    log = tmp_path / "up.log"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DETOX_")} | {
+        "DETOX_HOME": str(tmp_path / "home"), "DETOX_MODEL": "demo", "DETOX_DEVICE": "cpu",
+        "DETOX_VLLM_URL": vllm_url, "DETOX_VLLM_PYTHON": str(VLLM_PYTHON), **env,
+    }  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "up", "--engine", "vllm", "--port", str(port)],
+            cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def _ready_engine(url: str, proc: subprocess.Popen, log: Path) -> dict:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            response = httpx.get(f"{url}/readyz", timeout=5)
+            if response.status_code == 200:
+                return response.json()["checks"]["engine"]
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"detox up --engine vllm never became ready:\n{log.read_text()}")
+
+
+def test_up_with_the_vllm_engine_uses_a_server_that_answers(vllm: VllmServer, tmp_path: Path):
+    proc, url, log = _up(tmp_path, vllm.url)
+    try:
+        assert _ready_engine(url, proc, log) == {"ok": True, "detail": f"vllm at {vllm.url}"}
+        assert "using the vLLM server already answering" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert vllm_problem(vllm.url) is None  # not ours to stop: still serving
+
+
+def test_up_with_the_vllm_engine_starts_vllm_and_stops_it_on_exit(tmp_path: Path):
+    if not VLLM_PYTHON.is_file():
+        pytest.skip("vLLM is not installed: `make vllm` (the README's test command runs it)")
+    vllm_url = f"http://127.0.0.1:{free_port()}"
+    proc, url, log = _up(tmp_path, vllm_url)
+    try:
+        assert _ready_engine(url, proc, log)["ok"] is True
+        assert "vLLM is up at" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=90)
+    assert vllm_problem(vllm_url) is not None  # the child went with `up`
+
+
+def test_up_without_vllm_installed_exits_2_saying_how_to_install_it(tmp_path: Path):
+    proc, _, log = _up(tmp_path, f"http://127.0.0.1:{free_port()}", DETOX_VLLM_PYTHON="/no/vllm")
+    assert proc.wait(timeout=120) == 2
+    assert "make vllm" in log.read_text()
