@@ -54,6 +54,10 @@ class VersionCache:
                 del self._items[i]
         return dropped
 
+    def drop(self, version_id: int) -> None:
+        with self._lock:
+            self._items.pop(version_id, None)
+
     def __contains__(self, version_id: object) -> bool:
         with self._lock:
             return version_id in self._items

@@ -79,13 +79,18 @@ class Engine(EngineBase):
         if dropped:
             log.info("unloaded %d retired version(s)", len(dropped))
 
+    def add_version(self, info: VersionInfo) -> VersionWeights:
+        return self.cache.get(info.id, lambda: self._load(info))
+
+    def drop_version(self, version_id: int) -> None:
+        self.cache.drop(version_id)
+
     def target(self, model: str) -> Target:
         """Resolve and load `model` (blocking: may read the store and build the deltas)."""
         info = self.resolve(model)
         if info is None:
             return Target(BASE, None)
-        weights = self.cache.get(info.id, lambda: self._load(info))
-        return Target(info.name, weights)
+        return Target(info.name, self.add_version(info))
 
     def _load(self, info: VersionInfo) -> VersionWeights:
         chain = self.source.load_chain(info.id)  # the store read stays off the compute thread

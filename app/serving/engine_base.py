@@ -2,7 +2,8 @@
 model's tokenizer encodes them, the token budget, admission (a bounded number of requests in
 flight), the judge, and the count of generated tokens per model.
 
-An engine adds the decoding: `target` (resolve and make a model servable), `stream`,
+An engine adds the decoding: `add_version` and `drop_version` (a version made servable, or
+let go), `target` (resolve a request's model and make it servable), `stream`,
 `complete_together`, `compute` (where torch work of the serving process runs), `health` and
 `close`. Two engines exist: the built-in one (`app.serving.engine`, decoding in this process)
 and the vLLM one (`app.serving.vllm_engine`, decoding in a vLLM server).
@@ -79,6 +80,14 @@ class EngineBase:
 
     def _on_refresh(self, live: dict[str, VersionInfo]) -> None:
         """What the engine does with a new list of live versions (drop the retired ones)."""
+
+    def add_version(self, info: VersionInfo) -> Any:
+        """Make a live version servable (blocking); returns what `target` serves it as."""
+        raise NotImplementedError
+
+    def drop_version(self, version_id: int) -> None:
+        """Stop holding a version (retired, or no longer wanted); a no-op if it is not held."""
+        raise NotImplementedError
 
     def versions(self) -> list[VersionInfo]:
         """The live versions, oldest first."""

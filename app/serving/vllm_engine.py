@@ -168,16 +168,24 @@ class VllmEngine(EngineBase):
         shutil.rmtree(self.adapter_dir / f"v{version_id}", ignore_errors=True)
         log.info("version %r unloaded from vLLM", name)
 
+    def add_version(self, info: VersionInfo) -> str:
+        """The version's adapter name in vLLM, registering it first if needed (blocking)."""
+        if info.id in self._refused:
+            raise AdapterRankError(self._refused[info.id])
+        with self._register_lock:
+            return self._registered.get(info.id) or self._register(info)
+
+    def drop_version(self, version_id: int) -> None:
+        with self._register_lock:
+            if version_id in self._registered:
+                self._unload(version_id)
+
     def target(self, model: str) -> VllmTarget:
         """Resolve `model`; a version not yet in vLLM is registered first (blocking)."""
         info = self.resolve(model)
         if info is None:
             return VllmTarget(BASE, self._base())
-        if info.id in self._refused:
-            raise AdapterRankError(self._refused[info.id])
-        with self._register_lock:
-            name = self._registered.get(info.id) or self._register(info)
-        return VllmTarget(info.name, name)
+        return VllmTarget(info.name, self.add_version(info))
 
     def _base(self) -> str:
         if self._base_name is None:

@@ -293,3 +293,18 @@ def test_logprobs_are_the_models_own_for_each_token_with_the_likeliest(sessions)
         values, ids = want[i].topk(3)
         assert [t for t, _ in entry.top] == ids.tolist()
         assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+def test_a_version_added_is_held_until_dropped(sessions):
+    lm = tiny_model("llama")
+    store_version(sessions, lm, random_delta(lm, layer=1, seed=1), name="held")
+    engine = make_engine(lm, sessions)
+    try:
+        info = engine.resolve("held")
+        weights = engine.add_version(info)
+        assert info.id in engine.cache and engine.add_version(info) is weights  # loaded once
+        engine.drop_version(info.id)
+        assert info.id not in engine.cache
+        engine.drop_version(info.id)  # not held: nothing to do
+    finally:
+        engine.close()
