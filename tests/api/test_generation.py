@@ -191,3 +191,13 @@ def test_new_versions_are_served_without_restart_and_retired_ones_stop(client, s
         assert time.monotonic() < deadline, "v3 still listed after retiring"
         time.sleep(0.05)
     assert_error(client.post("/v1/completions", json={"model": "v3", "prompt": "a"}), 404)
+
+
+def test_a_version_retired_through_this_api_is_not_served_by_it_from_the_next_request(tmp_path, lm):
+    with serving_store(tmp_path, serving_max_tokens=16, serving_poll_s=3600) as store:
+        store_version(store.sessions, lm, random_delta(lm, layer=1, seed=1), name="gone")
+        with TestClient(tiny_app(store, lm), headers=AUTH) as client:
+            assert complete(client, model="gone", prompt="a", max_tokens=2)["model"] == "gone"
+            assert client.delete("/v1/versions/gone").status_code == 200
+            # No poll for an hour, no Redis: the retire itself told this process's engine.
+            assert_error(client.post("/v1/completions", json={"model": "gone", "prompt": "a"}), 404)

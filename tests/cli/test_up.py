@@ -67,7 +67,7 @@ def test_up_runs_a_job_and_stops_cleanly_on_sigterm(tmp_path, tiny_model_dir):
         del client_env["DETOX_ADMIN_KEY"]
         done = subprocess.run(
             [sys.executable, "-m", "app.cli", "jobs", "submit", cases, "--case", CASE_ID,
-             "--params", '{"steps": 2}', "--watch", "--json"],
+             "--params", '{"steps": 2, "preset": "contrastive"}', "--watch", "--json"],
             cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr

@@ -3,6 +3,7 @@ export (a PEFT LoRA adapter, a merged model, or the summed delta)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ from app.serving.errors import EngineClosedError, ModelLoadError, ServingError
 from app.settings import Settings
 from app.store import crud
 from app.store.models import Version
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/versions", tags=["versions"])
 
@@ -71,6 +74,7 @@ def get_version(name: str, session: SessionDep) -> VersionPublic:
 @router.delete("/{name}", response_model=VersionList, dependencies=[Editor])
 def retire_version(
     name: str,
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     cascade: Annotated[bool, Query(description="retire its live descendants too")] = False,
@@ -81,7 +85,19 @@ def retire_version(
     refused (409 `version_in_experiment`, naming the experiments): stop those first."""
     retired = crud.retire_version(session=session, name=name, cascade=cascade)
     publish_versions_changed(settings.resolved_broker_url())  # other API processes drop it now
+    _refresh_engine(request)
     return _public(session, retired)
+
+
+def _refresh_engine(request: Request) -> None:
+    """This process's engine stops serving what was retired at once, not at its next poll."""
+    engine = request.app.state.serving.engine_if_loaded()
+    if engine is None:
+        return
+    try:
+        engine.refresh()
+    except Exception:  # its next poll tries again (a vLLM engine that is down, say)
+        log.warning("could not refresh the serving engine after a retire", exc_info=True)
 
 
 @router.get(
