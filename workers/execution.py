@@ -36,6 +36,7 @@ from app.ml.bias import filter_pairs, load_pairs
 from app.ml.corpus import Document
 from app.ml.deltas import Delta, adapter_rank, apply_deltas, fingerprint
 from app.ml.errors import DeltaError, EditCancelled, InputError
+from app.ml.export import adapter_rank_problem
 from app.ml.pipeline import dinm_with_report, unlearn_with_report
 from app.ml.suites import run_suites
 from app.notify import publish_versions_changed
@@ -206,14 +207,8 @@ def _edit(
 
 def _vllm_warnings(chain: list[Delta], max_lora_rank: int) -> list[str]:
     """Said when the version is made: the vLLM engine will not serve it (see vllm_engine)."""
-    rank = adapter_rank(chain)
-    if rank <= max_lora_rank:
-        return []
-    return [
-        f"the vLLM engine cannot serve this version: its exact LoRA adapter has rank {rank}, "
-        f"above the server's max_lora_rank {max_lora_rank} (DETOX_VLLM_MAX_LORA_RANK); make "
-        f"the edit with params.rank <= {max_lora_rank}"
-    ]
+    problem = adapter_rank_problem(adapter_rank(chain), max_lora_rank)
+    return [] if problem is None else [f"the vLLM engine cannot serve this version: {problem}"]
 
 
 def _evaluate(

@@ -361,3 +361,15 @@ def _total(model: nn.Module, deltas: Sequence[Delta]) -> Delta:
 
 def _write_report(folder: Path, record: Mapping[str, Any]) -> None:
     (folder / REPORT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def adapter_rank_problem(rank: int, max_lora_rank: int) -> str | None:
+    """Why a version whose exact adapter has `rank` cannot be a vLLM LoRA adapter, or None (the
+    vLLM engine's refusal and the workers' warning say the same)."""
+    if rank <= max_lora_rank:
+        return None
+    return (
+        f"its exact LoRA adapter has rank {rank}, above the vLLM server's max_lora_rank "
+        f"{max_lora_rank} (DETOX_VLLM_MAX_LORA_RANK); make the edit with params.rank <= "
+        f"{max_lora_rank}"
+    )

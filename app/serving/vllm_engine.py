@@ -33,7 +33,7 @@ import httpx
 from app.chains import chain_deltas
 from app.ml.deltas import adapter_rank
 from app.ml.errors import DetoxError
-from app.ml.export import save_peft_adapter
+from app.ml.export import adapter_rank_problem, save_peft_adapter
 from app.ml.models import LoadedModel
 from app.serving.engine_base import EngineBase, EngineHealth, result_of
 from app.serving.errors import (
@@ -141,24 +141,17 @@ class VllmEngine(EngineBase):
         if chain[-1].retired:
             raise UnknownModelError(f"version {info.name!r} is retired")
         deltas = chain_deltas(chain)
+        problem = adapter_rank_problem(adapter_rank(deltas), self.max_lora_rank)
+        if problem is not None:
+            raise AdapterRankError(f"version {info.name!r} cannot be served by vLLM: {problem}")
+        folder = self.adapter_dir / f"v{info.id}"
+        shutil.rmtree(folder, ignore_errors=True)
         try:
-            rank = adapter_rank(deltas)
-            if rank > self.max_lora_rank:
-                raise AdapterRankError(
-                    f"version {info.name!r} cannot be served by the vLLM engine: its exact LoRA "
-                    f"adapter has rank {rank}, above the server's max_lora_rank "
-                    f"{self.max_lora_rank} (DETOX_VLLM_MAX_LORA_RANK); make the edit with "
-                    f"params.rank <= {self.max_lora_rank}"
-                )
-            folder = self.adapter_dir / f"v{info.id}"
-            shutil.rmtree(folder, ignore_errors=True)
             save_peft_adapter(
                 self.lm.model, deltas, folder,
                 base_model_name_or_path=self._base_name or BASE, max_rank=self.max_lora_rank,
             )  # fmt: skip
         except DetoxError as exc:
-            if isinstance(exc, AdapterRankError):
-                raise
             raise ModelLoadError(f"version {info.name!r} cannot be an adapter: {exc}") from exc
         return folder
 
