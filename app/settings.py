@@ -107,7 +107,23 @@ class Settings(BaseSettings):
         8, ge=1, le=512, description="requests generated together in one batch"
     )
     serving_max_wait_ms: float = Field(
-        10.0, ge=0, le=10_000, description="how long a batch waits for more requests to join"
+        10.0, ge=0, le=10_000,
+        description="how long an idle engine waits for more requests to start together",
+    )  # fmt: skip
+    serving_batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description='"continuous": requests join and leave the running batch at every decoding '
+        'step; "static": a batch runs to its end before the next starts',
+    )
+    serving_prefill_tokens: int = Field(
+        128, ge=1, le=1_048_576,
+        description="prompt tokens prefilled per decoding step (continuous batching): how long "
+        "a new prompt may stall the running streams",
+    )  # fmt: skip
+    serving_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="the serving engine's weights: auto = bfloat16 on CUDA and on CPUs with "
+        "native bfloat16 (AVX512-BF16, AMX), else float32; edits keep DETOX_DTYPE",
     )
     serving_max_tokens: int = Field(
         512, ge=1, le=32_768, description="cap of max_tokens on the generation endpoints"

@@ -1,9 +1,13 @@
-"""One batch of requests, decoded together with a KV cache, each row with its own version.
+"""Requests decoded together with a KV cache, each row with its own version.
 
-Rows are LEFT padded, position ids follow the attention mask, so a padded row gives the tokens it
-would give alone. After every step, rows that finished (end token, `max_tokens`, a stop string) or
-whose client went away are dropped from the batch and from the KV cache, freeing their slot.
-Each row samples with its own parameters and its own random generator (`seed`).
+A `Prefill` runs new requests' prompts, LEFT padded into one batch, through the model (a chunk of
+columns at a time when asked); it becomes a `Cohort`: rows decoded a token per `step`. Position
+ids follow the attention mask, so a padded row gives the tokens it would give alone; that is also
+why a cohort can `absorb` another one (the narrower cache padded on the left) and rows can join
+a running batch. After every step, rows that finished (end token, `max_tokens`, a stop string) or
+whose client went away leave the cohort and its KV cache, freeing their slot. Each row samples
+with its own parameters and its own random generator (`seed`). `run_batch` is the static policy
+(one prefill, steps until every row is done); `batcher.ContinuousBatcher` interleaves them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from app.ml.models import LoadedModel
 from app.serving.sampling import (
@@ -59,73 +64,212 @@ class _Row:
             log.debug("dropping an event of a finished consumer", exc_info=True)
 
 
-@torch.inference_mode()
-def run_batch(
-    lm: LoadedModel,
-    hooks: BatchDeltaHooks,
-    requests: Sequence[GenRequest],
-    *,
-    stop_ids: set[int],
-    pad_id: int,
-) -> int:
-    """Decode every request to its end, sending its events as they come; returns how many rows
-    left early because their client went away."""
-    device = lm.device
-    rows = [_Row(r, _generator(r.params.seed, device)) for r in requests]
-    width = max(len(r.prompt_ids) for r in requests)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, request in enumerate(requests):
-        n = len(request.prompt_ids)
-        ids[i, width - n :] = torch.tensor(request.prompt_ids, dtype=torch.long)
-        mask[i, width - n :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    cancelled = 0
-    hooks.assign([r.weights for r in requests])
-    try:
-        out = lm.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            **_last_logits_only(lm),
-        )
-        while True:
-            logits = out.logits[:, -1, :].float()
-            chosen = [_choose(logits[i], row) for i, row in enumerate(rows)]
-            for i, row in enumerate(rows):
-                if row.request.params.logprobs is not None:
-                    row.logprobs.append(_logprob(logits[i], chosen[i], row.request.params.logprobs))
-            cancelled += sum(1 for row in rows if row.request.cancelled.is_set())
-            keep = [i for i, row in enumerate(rows) if _advance(lm, row, chosen[i], stop_ids)]
-            if not keep:
-                return cancelled
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask, positions = mask[index], positions[index]
-                rows = [rows[i] for i in keep]
-                chosen = [chosen[i] for i in keep]
-                hooks.assign([row.request.weights for row in rows])
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            positions = positions[:, -1:] + 1
+@dataclass(frozen=True)
+class Decoder:
+    """What decoding needs beside the requests: the model, its delta hooks, its end tokens."""
+
+    lm: LoadedModel
+    hooks: BatchDeltaHooks
+    stop_ids: set[int]
+    pad_id: int
+
+
+class Prefill:
+    """New requests' prompts, left padded into one batch and run through the model a chunk of
+    columns at a time (`run`), so a long prompt can share the compute thread with running rows;
+    once every column ran, `cohort()` takes each row's first token."""
+
+    def __init__(self, decoder: Decoder, requests: Sequence[GenRequest]):
+        self.decoder = decoder
+        device = decoder.lm.device
+        self.rows = [_Row(r, _generator(r.params.seed, device)) for r in requests]
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), width), decoder.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, request in enumerate(requests):
+            n = len(request.prompt_ids)
+            ids[i, width - n :] = torch.tensor(request.prompt_ids, dtype=torch.long)
+            mask[i, width - n :] = 1
+        self.ids, self.mask = ids.to(device), mask.to(device)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache = DynamicCache()
+        self.plan = decoder.hooks.plan([r.weights for r in requests])
+        self.done_columns = 0
+        self.logits: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.done_columns == self.ids.shape[1]
+
+    @torch.inference_mode()
+    def run(self, max_tokens: int | None = None) -> None:
+        """Run the next columns: as many as keep rows × columns within `max_tokens` (at least
+        one), or all of them."""
+        rows, width = self.ids.shape
+        columns = width if max_tokens is None else max(1, max_tokens // rows)
+        start, end = self.done_columns, min(width, self.done_columns + columns)
+        lm = self.decoder.lm
+        with self.decoder.hooks.using(self.plan):
             out = lm.model(
-                input_ids=torch.tensor(chosen, device=device).unsqueeze(1),
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
+                input_ids=self.ids[:, start:end],
+                attention_mask=self.mask[:, :end],
+                position_ids=self.positions[:, start:end],
+                past_key_values=self.cache,
+                use_cache=True,
+                **_last_logits_only(lm),
+            )
+        self.done_columns = end
+        if self.done:
+            self.logits = out.logits[:, -1, :].float()
+
+    def cohort(self) -> tuple[Cohort, int]:
+        """The rows as a decoding cohort, their first tokens taken (rows already done left it);
+        and how many rows left because their client went away."""
+        assert self.logits is not None, "the prefill has columns left to run"
+        cohort = Cohort(self.decoder, self.rows, self.cache, self.mask, self.positions[:, -1:])
+        return cohort, cohort.take(self.logits)
+
+
+class Cohort:
+    """Rows decoded together: one KV cache (rows left padded to a common width), its attention
+    mask, each row's last position and its token chosen but not yet run through the model."""
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        rows: list[_Row],
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+    ):
+        self.decoder = decoder
+        self.rows = rows
+        self.cache = cache
+        self.mask = mask
+        self.positions = positions  # [rows, 1]
+        self.pending: list[int] = []
+        self.plan = decoder.hooks.plan([row.request.weights for row in rows])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def step(self) -> int:
+        """Run the pending tokens, take the next ones; how many rows left because their client
+        went away."""
+        device = self.decoder.lm.device
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        self.positions = self.positions + 1
+        with self.decoder.hooks.using(self.plan):
+            out = self.decoder.lm.model(
+                input_ids=torch.tensor(self.pending, device=device).unsqueeze(1),
+                attention_mask=self.mask,
+                position_ids=self.positions,
+                past_key_values=self.cache,
                 use_cache=True,
             )
+        return self.take(out.logits[:, -1, :].float())
+
+    def take(self, logits: torch.Tensor) -> int:
+        """Choose each row's next token from `logits` [rows, vocab], send its events, and drop
+        the rows that are done."""
+        rows = self.rows
+        chosen = [_choose(logits[i], row) for i, row in enumerate(rows)]
+        for i, row in enumerate(rows):
+            if row.request.params.logprobs is not None:
+                row.logprobs.append(_logprob(logits[i], chosen[i], row.request.params.logprobs))
+        cancelled = sum(1 for row in rows if row.request.cancelled.is_set())
+        lm, stop_ids = self.decoder.lm, self.decoder.stop_ids
+        keep = [i for i, row in enumerate(rows) if _advance(lm, row, chosen[i], stop_ids)]
+        self.pending = [chosen[i] for i in keep]
+        if len(keep) < len(rows):
+            self._keep(keep)
+        return cancelled
+
+    def fail(self, exc: BaseException) -> None:
+        for row in self.rows:
+            row.emit(Failed(exc))
+        self.rows = []
+
+    def absorb(self, other: Cohort) -> bool:
+        """Take `other`'s rows into this cohort, padding the narrower cache on the left; False
+        (nothing changed) when the model's cache is not one this can pad (sliding windows,
+        recurrent state)."""
+        mine, theirs = _plain_layers(self.cache), _plain_layers(other.cache)
+        if mine is None or theirs is None or len(mine) != len(theirs):
+            return False
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for a, b in zip(mine, theirs, strict=True):
+            a.keys = torch.cat([_pad_left(a.keys, width, -2), _pad_left(b.keys, width, -2)])
+            a.values = torch.cat([_pad_left(a.values, width, -2), _pad_left(b.values, width, -2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.rows += other.rows
+        self.pending += other.pending
+        self.plan = self.decoder.hooks.plan([row.request.weights for row in self.rows])
+        return True
+
+    def _keep(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        self._trim()
+        self.plan = self.decoder.hooks.plan([row.request.weights for row in self.rows])
+
+    def _trim(self) -> None:
+        """Drop the leading columns no row attends to (left by rows that left)."""
+        layers = _plain_layers(self.cache)
+        if layers is None:
+            return
+        used = self.mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first == 0:
+            return
+        for layer in layers:
+            layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+        self.mask = self.mask[:, first:]
+
+
+@torch.inference_mode()
+def run_batch(decoder: Decoder, requests: Sequence[GenRequest]) -> int:
+    """Decode every request to its end together, sending its events as they come (static
+    batching: none joins once started); returns how many rows left early because their client
+    went away."""
+    prefill = Prefill(decoder, requests)
+    cohort: Cohort | None = None
+    cancelled = 0
+    try:
+        prefill.run()
+        cohort, cancelled = prefill.cohort()
+        while len(cohort):
+            cancelled += cohort.step()
     except Exception as exc:
         log.exception("generation failed")
-        for row in rows:
-            row.emit(Failed(exc))
-        return cancelled
-    finally:
-        hooks.clear()
+        if cohort is None:
+            cohort = Cohort(decoder, prefill.rows, prefill.cache, prefill.mask, prefill.positions)
+        cohort.fail(exc)
+    return cancelled
+
+
+def _plain_layers(cache: DynamicCache) -> list | None:
+    """The cache's layers when each is a plain full-attention one (keys and values tensors
+    [batch, heads, tokens, dim] and nothing else), else None."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    return layers
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def _last_logits_only(lm: LoadedModel) -> dict[str, int]:

@@ -7,9 +7,10 @@ batches, decoded in this process (what every engine shares is in `engine_base`).
 - The live versions are re-read every `poll_s` seconds (and at once when a name is not known), so
   a new version is servable without restart and a retired one stops being served and leaves the
   cache.
-- Requests go through a `Batcher` (one background thread): the decoding loop (`run_batch`) never
-  runs on the event loop. That thread is the only one that runs torch: version loads and judging
-  are handed to it too, and the model is loaded on a thread that ends (see `batcher` for why).
+- Requests go through one background compute thread (`batcher`): continuous batching by default
+  (requests join and leave the running batch at every step), static batches when asked. Decoding
+  never runs on the event loop. That thread is the only one that runs torch: version loads and
+  judging are handed to it too, and the model is loaded on a thread that ends (`batcher` says why).
   `stream()` bridges its events to asyncio; when the consumer stops early (client disconnected)
   the request is cancelled and leaves the batch at the next step.
 """
@@ -22,15 +23,15 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from app.chains import chain_deltas
 from app.ml.generation import _pad_id, _stop_ids
 from app.ml.memory import release_free_memory
 from app.ml.models import LoadedModel
-from app.serving.batcher import Batcher
+from app.serving.batcher import Batcher, ContinuousBatcher
 from app.serving.cache import VersionCache
-from app.serving.decoding import GenRequest, run_batch
+from app.serving.decoding import Decoder, GenRequest, run_batch
 from app.serving.engine_base import EngineBase, EngineHealth, result_of
 from app.serving.errors import UnknownModelError
 from app.serving.live_versions import BASE
@@ -62,15 +63,28 @@ class Engine(EngineBase):
         cache_size: int = 8,
         max_batch_size: int = 8,
         max_wait_s: float = 0.01,
+        batching: Literal["continuous", "static"] = "continuous",
+        prefill_tokens: int = 128,
+        dtype_reason: str = "",
         **common: Any,
     ):
         self.cache = VersionCache(cache_size)
         self._fingerprints: dict[str, str] = {}
         self._hooks = BatchDeltaHooks(lm.model)
-        self._stop_ids = _stop_ids(lm)
-        self._pad_id = _pad_id(lm)
-        self._batcher = Batcher(self._run, max_batch_size=max_batch_size, max_wait_s=max_wait_s)
-        self.cancelled = 0  # requests that left a batch early: their client went away
+        self._decoder = Decoder(lm, self._hooks, _stop_ids(lm), _pad_id(lm))
+        self.batching = batching
+        self._dtype_reason = dtype_reason
+        self._batcher: Batcher | ContinuousBatcher
+        if batching == "static":
+            self._batcher = Batcher(
+                partial(run_batch, self._decoder), max_batch_size=max_batch_size,
+                max_wait_s=max_wait_s,
+            )  # fmt: skip
+        else:
+            self._batcher = ContinuousBatcher(
+                self._decoder, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
+                prefill_tokens=prefill_tokens,
+            )  # fmt: skip
         super().__init__(lm, source, **common)  # see EngineBase for the common settings
         self.refresh()
 
@@ -126,7 +140,7 @@ class Engine(EngineBase):
     async def complete_together(
         self, jobs: Sequence[tuple[list[int], Target, SamplingParams]]
     ) -> list[Finished]:
-        """Several requests submitted as one group, so they run in the same batch."""
+        """Several requests submitted as one group, so they start together."""
         with self._admitted(len(jobs)):
             pairs = self._requests(jobs)
             self._batcher.submit(*(request for request, _ in pairs))
@@ -154,10 +168,10 @@ class Engine(EngineBase):
             pairs.append((GenRequest(prompt_ids, target.weights, params, deliver), events))
         return pairs
 
-    def _run(self, batch: list[GenRequest]) -> None:
-        self.cancelled += run_batch(
-            self.lm, self._hooks, batch, stop_ids=self._stop_ids, pad_id=self._pad_id
-        )
+    @property
+    def cancelled(self) -> int:
+        """Requests that left a batch early: their client went away."""
+        return self._batcher.cancelled
 
     def compute(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the compute thread, between batches, and return its result (blocks): for
@@ -171,7 +185,10 @@ class Engine(EngineBase):
     # -- judge and life cycle --------------------------------------------------------------
 
     def health(self) -> EngineHealth:
-        return EngineHealth(self.kind, True, "decoding in this process")
+        dtype = str(self.lm.dtype).removeprefix("torch.")
+        why = f" ({self._dtype_reason})" if self._dtype_reason else ""
+        detail = f"decoding in this process: {self.batching} batching, {dtype} weights{why}"
+        return EngineHealth(self.kind, True, detail)
 
     def close(self) -> None:
         super().close()

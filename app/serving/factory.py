@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.chains import ChainLink, UnreadableChain, read_chain
 from app.ml.judges import Judge, load_judge
-from app.ml.models import LoadedModel, load_model
+from app.ml.models import LoadedModel, load_model, pick_device
 from app.notify import VersionSubscriber, is_redis
+from app.serving.dtype import serving_dtype
 from app.serving.engine import Engine, on_passing_thread
 from app.serving.engine_base import EngineBase
 from app.serving.errors import ModelLoadError, UnknownModelError
@@ -37,14 +38,18 @@ def build_engine(
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
 
+    dtype, dtype_reason = serving_dtype(settings.serving_dtype, pick_device(settings.device).type)
+
     def load() -> tuple[LoadedModel, str]:
         loaded = lm if lm is not None else load_model(
-            settings.model, device=settings.device, dtype=settings.dtype,
-            cache_dir=settings.cache_dir,
+            settings.model, device=settings.device, dtype=dtype, cache_dir=settings.cache_dir,
         )  # fmt: skip
         return loaded, loaded.base_fingerprint  # computed here, on the base weights
 
+    given = lm is not None
     lm, fingerprint = on_passing_thread(load)
+    if given:
+        dtype_reason = "the model given"
     common = {
         "max_tokens": settings.serving_max_tokens,
         "max_prompt_tokens": settings.serving_max_prompt_tokens,
@@ -68,6 +73,9 @@ def build_engine(
         cache_size=settings.serving_cache_size,
         max_batch_size=settings.serving_max_batch_size,
         max_wait_s=settings.serving_max_wait_ms / 1000,
+        batching=settings.serving_batching,
+        prefill_tokens=settings.serving_prefill_tokens,
+        dtype_reason=dtype_reason,
         **common,
     )
 

@@ -6,12 +6,14 @@ output += x @ M, i.e. ΔWᵀ for a Linear and ΔW itself for a Conv1D, so the ho
 
 `BatchDeltaHooks` adds, inside each edited module, each row's own version delta to the base
 projection computed for the whole batch: the base weights are shared by every version and never
-copied. The row -> version assignment is set before each forward (`assign`) and cleared after.
+copied. Which row runs which version is a `RowPlan`, built when a batch's rows change and put in
+use around each forward (`using`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -100,17 +102,25 @@ def version_weights(
     return VersionWeights(name, {m: ModuleDelta(weights.get(m), biases.get(m)) for m in names})
 
 
+@dataclass(frozen=True)
+class RowPlan:
+    """Which rows of a batch run which version: per edited module, (row index or None for every
+    row, delta). Built once per batch membership (`BatchDeltaHooks.plan`), used per forward."""
+
+    groups: dict[str, list[tuple[torch.Tensor | None, ModuleDelta]]]
+    batch: int
+
+
 class BatchDeltaHooks:
-    """Forward hooks that add per-row version deltas; a no-op while nothing is assigned."""
+    """Forward hooks that add per-row version deltas; a no-op while no plan is in use."""
 
     def __init__(self, model: nn.Module):
         self._modules = dict(model.named_modules())
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._groups: dict[str, list[tuple[torch.Tensor | None, ModuleDelta]]] = {}
-        self._batch = 0
+        self._plan = RowPlan({}, 0)
 
-    def assign(self, rows: Sequence[VersionWeights | None]) -> None:
-        """Row i of the next forwards runs `rows[i]` (None: the base model)."""
+    def plan(self, rows: Sequence[VersionWeights | None]) -> RowPlan:
+        """The plan for a batch whose row i runs `rows[i]` (None: the base model)."""
         by_version: dict[int, tuple[VersionWeights, list[int]]] = {}
         for i, weights in enumerate(rows):
             if weights is not None:
@@ -123,17 +133,22 @@ class BatchDeltaHooks:
                 device = (delta.weight if delta.weight is not None else delta.bias).device
                 index = None if every_row else torch.tensor(indices, device=device)
                 groups.setdefault(module_name, []).append((index, delta))
-        self._groups = groups
-        self._batch = len(rows)
+        return RowPlan(groups, len(rows))
 
-    def clear(self) -> None:
-        self._groups = {}
+    @contextmanager
+    def using(self, plan: RowPlan) -> Iterator[None]:
+        """The forwards inside run `plan`; any other forward (a judge's, say) runs the base."""
+        self._plan = plan
+        try:
+            yield
+        finally:
+            self._plan = RowPlan({}, 0)
 
     def remove(self) -> None:
         for handle in self._handles.values():
             handle.remove()
         self._handles = {}
-        self._groups = {}
+        self._plan = RowPlan({}, 0)
 
     def _ensure_hook(self, module_name: str) -> None:
         if module_name in self._handles:
@@ -141,13 +156,14 @@ class BatchDeltaHooks:
         module = self._modules[module_name]
 
         def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            groups = self._groups.get(module_name)
+            plan = self._plan
+            groups = plan.groups.get(module_name)
             if not groups:
                 return None
             x, shape = args[0], output.shape
-            if x.shape[0] != self._batch:  # rows flattened to [batch * tokens, features] (OPT)
-                x = x.reshape(self._batch, -1, x.shape[-1])
-                output = output.reshape(self._batch, -1, shape[-1])
+            if x.shape[0] != plan.batch:  # rows flattened to [batch * tokens, features] (OPT)
+                x = x.reshape(plan.batch, -1, x.shape[-1])
+                output = output.reshape(plan.batch, -1, shape[-1])
             for index, delta in groups:
                 rows = x if index is None else x.index_select(0, index)
                 if delta.weight is None:

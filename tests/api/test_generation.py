@@ -201,3 +201,14 @@ def test_a_version_retired_through_this_api_is_not_served_by_it_from_the_next_re
             assert client.delete("/v1/versions/gone").status_code == 200
             # No poll for an hour, no Redis: the retire itself told this process's engine.
             assert_error(client.post("/v1/completions", json={"model": "gone", "prompt": "a"}), 404)
+
+
+def test_readyz_says_how_the_engine_decodes_before_and_after_it_loads(client):
+    before = client.get("/readyz").json()["checks"]["engine"]["detail"]
+    assert before.startswith("builtin: decoding in the API process (model not loaded yet)")
+    assert "continuous batching" in before and "weights" in before
+    complete(client, model="base", prompt="hi", max_tokens=2)
+    after = client.get("/readyz").json()["checks"]["engine"]["detail"]
+    assert after == (
+        "builtin: decoding in this process: continuous batching, float32 weights (the model given)"
+    )

@@ -11,7 +11,7 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.ml.arch import ModelAdapter
-from app.ml.deltas import Delta, DenseUpdate, LowRankUpdate, fingerprint
+from app.ml.deltas import Delta, DenseUpdate, LowRankUpdate, applied, fingerprint
 from app.ml.models import LoadedModel
 from app.store import crud, migrate
 from app.store.db import make_engine, make_sessionmaker
@@ -74,3 +74,17 @@ def store_version(
             metrics={},
             deltas=rows,
         )
+
+
+def merged_greedy(lm, prompt_ids: list[int], deltas, max_new_tokens: int) -> list[int]:
+    """Reference: the version's deltas merged into the weights, transformers' own generate."""
+    with applied(lm.model, deltas), torch.inference_mode():
+        out = lm.model.generate(
+            input_ids=torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=lm.tokenizer.eos_token_id,
+            pad_token_id=lm.tokenizer.pad_token_id,
+        )
+    return out[0, len(prompt_ids) :].tolist()

@@ -16,7 +16,7 @@ from app.serving.sampling import SamplingParams, TextDelta
 from app.serving.weights import BatchDeltaHooks, version_weights
 from app.store import crud
 from tests.factories import tiny_model
-from tests.serving.conftest import random_delta, store_version
+from tests.serving.conftest import merged_greedy, random_delta, store_version
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
 
@@ -24,20 +24,6 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
 def make_engine(lm, sessions, **kwargs) -> Engine:
     source = StoreVersionSource(sessions, base_fingerprint=lm.base_fingerprint)
     return Engine(lm, source, **({"max_wait_s": 0.3} | kwargs))
-
-
-def merged_greedy(lm, prompt_ids: list[int], deltas, max_new_tokens: int) -> list[int]:
-    """Reference: the version's deltas merged into the weights, transformers' own generate."""
-    with applied(lm.model, deltas), torch.inference_mode():
-        out = lm.model.generate(
-            input_ids=torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=lm.tokenizer.eos_token_id,
-            pad_token_id=lm.tokenizer.pad_token_id,
-        )
-    return out[0, len(prompt_ids) :].tolist()
 
 
 async def run_all(engine: Engine, jobs: list[tuple[str, list[int]]], params=GREEDY):
@@ -218,8 +204,9 @@ def test_hooks_equal_merged_weights_for_weight_and_bias_deltas(family):
         with applied(lm.model, [delta]):
             merged = lm.model(input_ids=ids).logits
         hooks = BatchDeltaHooks(lm.model)
-        hooks.assign([version_weights(lm.model, "v", [delta]), None])
-        mixed = lm.model(input_ids=ids).logits
+        with hooks.using(hooks.plan([version_weights(lm.model, "v", [delta]), None])):
+            mixed = lm.model(input_ids=ids).logits
+        assert torch.equal(lm.model(input_ids=ids).logits, base)  # outside `using`: the base
         hooks.remove()
     torch.testing.assert_close(mixed[0], merged[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mixed[1], base[1], rtol=0, atol=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -14,9 +15,13 @@ from app.api.deps import BrokerDep, SettingsDep
 from app.api.errors import UNAVAILABLE, error_response
 from app.api.model_info import model_folder, model_name
 from app.api.schemas import CheckResult, Readiness
+from app.serving.dtype import describe as describe_dtype
 from app.serving.vllm_health import vllm_problem
 from app.settings import Settings
 from app.store.db import ping
+
+if TYPE_CHECKING:
+    from app.serving.engine_base import EngineBase
 
 router = APIRouter(tags=["health"])
 BROKER_TIMEOUT_S = 2.0
@@ -37,7 +42,7 @@ def readyz(request: Request, settings: SettingsDep, broker: BrokerDep) -> JSONRe
         "database": _check(lambda: ping(request.app.state.engine), "reachable"),
         "broker": _check(lambda: broker.ping(BROKER_TIMEOUT_S), "reachable"),
         "model": model_check(settings),
-        "engine": engine_check(settings),
+        "engine": engine_check(settings, _loaded_engine(request)),
     }
     worker_check = getattr(request.app.state, "worker_check", None)
     if worker_check is not None:  # `detox up`: its own worker, restarted when it dies
@@ -61,11 +66,23 @@ def _check(probe: Callable[[], object], ok_detail: str) -> CheckResult:
     return CheckResult(ok=True, detail=ok_detail)
 
 
-def engine_check(settings: Settings) -> CheckResult:
-    """Which engine decodes generations, and, for vLLM, whether it answers (jobs and versions
-    do not need it, but generation does)."""
+def _loaded_engine(request: Request) -> EngineBase | None:
+    serving = getattr(request.app.state, "serving", None)
+    return serving.engine_if_loaded() if serving is not None else None
+
+
+def engine_check(settings: Settings, loaded: EngineBase | None = None) -> CheckResult:
+    """Which engine decodes generations and how (batching, weights' dtype), and, for vLLM,
+    whether it answers (jobs and versions do not need it, but generation does)."""
     if settings.engine == "builtin":
-        return CheckResult(ok=True, detail="builtin: decoding in the API process")
+        if loaded is not None:
+            return CheckResult(ok=True, detail=f"builtin: {loaded.health().detail}")
+        weights = describe_dtype(settings.serving_dtype, settings.device)
+        return CheckResult(
+            ok=True,
+            detail=f"builtin: decoding in the API process (model not loaded yet): "
+            f"{settings.serving_batching} batching, {weights}",
+        )
     problem = vllm_problem(settings.vllm_url)
     return CheckResult(ok=problem is None, detail=problem or f"vllm at {settings.vllm_url}")
 
