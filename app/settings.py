@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         8, ge=1, le=1024, description="versions whose summed deltas the serving engine keeps"
     )
     serving_max_batch_size: int = Field(
-        8, ge=1, le=512, description="requests generated together in one batch"
+        32, ge=1, le=512, description="requests decoded together in one batch, at most"
     )
     serving_max_wait_ms: float = Field(
         10.0, ge=0, le=10_000,

@@ -10,11 +10,13 @@ only).
     .venv/bin/python bench/dinm_instances.py                  # N = 1, 4, 16, all; default preset
     .venv/bin/python bench/dinm_instances.py --n 1 --n 4 --preset paper
     .venv/bin/python bench/dinm_instances.py --processes      # first vs second process, N = 1
+    .venv/bin/python bench/dinm_instances.py --processes --params '{"steps":1,"instance_steps":0}'
 
 `--processes` empties the disk cache of derived values first (`~/.cache/detox/derived`), then
 runs the same one-instance edit in two fresh processes one after the other: the first builds what
 it needs (and keeps what can be kept on disk), the second starts from the disk cache as a
-restarted worker or a second `detox dinm` would.
+restarted worker or a second `detox dinm` would. `--params` overrides fields of the preset: with
+one step, the edit time is mostly what a process builds or reads from the cache ("prepare").
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "app" / "ml" / "data" / "safeedit_cases.json"
 
 
-def child(n: int, preset: str | None) -> None:
+def child(n: int, preset: str | None, overrides: str) -> None:
     import transformers
 
     from app.ml.dinm import dinm_edit_many
@@ -43,7 +45,7 @@ def child(n: int, preset: str | None) -> None:
     lm = load_model("demo")
     cases = load_instances(CASES)
     instances = cases[:n] if n > 0 else cases
-    params = DinmParams.parse({"preset": preset} if preset else {})
+    params = DinmParams.parse(({"preset": preset} if preset else {}) | json.loads(overrides))
     times: list[float] = []
     last = [time.perf_counter()]
     stages: dict[str, float] = {}
@@ -74,24 +76,25 @@ def child(n: int, preset: str | None) -> None:
     }))  # fmt: skip
 
 
-def _run_child(n: int, preset: str | None) -> dict:
-    command = [sys.executable, __file__, "--child", str(n)]
+def _run_child(n: int, preset: str | None, overrides: str) -> dict:
+    command = [sys.executable, __file__, "--child", str(n), "--params", overrides]
     if preset:
         command += ["--preset", preset]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def processes(preset: str | None) -> None:
+def processes(preset: str | None, overrides: str) -> None:
     import shutil
 
     from app.ml.demo import default_cache_dir
 
     cache = default_cache_dir()  # where the children's load_model("demo") keeps derived values
     shutil.rmtree(Path(cache) / "derived", ignore_errors=True)
-    print(f"one-instance edit, preset {preset or 'default'}, disk cache {cache}/derived emptied")
+    print(f"one-instance edit, preset {preset or 'default'}, params {overrides}, disk cache "
+          f"{cache}/derived emptied")  # fmt: skip
     for name in ("first process", "second process"):
-        row = _run_child(1, preset)
+        row = _run_child(1, preset, overrides)
         print(f"{name}: edit {row['edit_s']:.1f} s, peak {row['peak_mb']:.0f} MB, "
               f"stages {_stages(row)}")  # fmt: skip
 
@@ -105,17 +108,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, action="append", help="instances (0: all); repeatable")
     parser.add_argument("--preset", default=None, help="DINM preset (default: the default one)")
     parser.add_argument("--processes", action="store_true", help="first vs second process")
+    parser.add_argument("--params", default="{}", help="JSON: DINM params over the preset's")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        return child(args.child, args.preset)
+        return child(args.child, args.preset, args.params)
     if args.processes:
-        return processes(args.preset)
-    print(f"DINM from N instances, demo model, preset {args.preset or 'default'}")
+        return processes(args.preset, args.params)
+    print(f"DINM from N instances, demo model, preset {args.preset or 'default'}, params "
+          f"{args.params}")  # fmt: skip
     header = f"{'N':>3} {'edit s':>8} {'first s':>8} {'warm s/inst':>11} {'peak MB':>8}"
     print(f"{header}  layers; stages")
     for n in args.n or [1, 4, 16, 0]:
-        row = _run_child(n, args.preset)
+        row = _run_child(n, args.preset, args.params)
         first = "-" if row["first_s"] is None else f"{row['first_s']:.1f}"
         warm = "-" if row["warm_s"] is None else f"{row['warm_s']:.2f}"
         layers = row["layers"] if len(row["layers"]) <= 3 else f"{len(row['layers'])} layers"

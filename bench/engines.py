@@ -20,42 +20,27 @@ import argparse
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import torch
-from harness import ROOT, bench_headers, free_port, server_env, start_server, stream_chat
+from harness import (
+    ROOT,
+    bench_headers,
+    free_port,
+    server_env,
+    start_server,
+    stream_chat,
+    together,
+    write_lowrank_version,
+)
 
-from app.ml.deltas import Delta, LowRankUpdate, fingerprint
 from app.ml.demo import demo_model_dir
 from app.ml.models import load_model
 from app.serving.vllm_process import start_vllm, wait_until_healthy
-from app.store import crud, migrate
+from app.store import migrate
 from app.store.db import make_engine, make_sessionmaker
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-
-
-def write_lowrank_version(sessions, lm, name: str, seed: int, rank: int = 8) -> None:
-    """A version as a worker writes it: a random rank-`rank` delta on one MLP projection."""
-    param = lm.adapter.mlp_out_param_name(seed % lm.adapter.num_layers)
-    shape = dict(lm.model.named_parameters())[param].shape
-    gen = torch.Generator().manual_seed(seed)
-    update = LowRankUpdate(
-        a=torch.randn(rank, shape[1], generator=gen) * 0.02,
-        b=torch.randn(shape[0], rank, generator=gen) * 0.02,
-    )
-    blob = Delta({param: update}, fingerprint(lm.model, [param])).to_bytes()
-    row = {"param": param, "encoding": "lowrank", "dtype": "float32", "shape": list(shape),
-           "blob": blob}  # fmt: skip
-    with sessions() as session:
-        job, _ = crud.create_job(session=session, kind="dinm", spec={"kind": "dinm"})
-        crud.claim_job(session=session, job_id=job.id, worker="bench")
-        crud.finish_job_succeeded(
-            session=session, job_id=job.id, version_name=name, base_model=lm.name,
-            base_fingerprint=lm.base_fingerprint, metrics={}, deltas=[row],
-        )  # fmt: skip
 
 
 def measure(client: httpx.Client, args, new_version) -> dict[str, float]:
@@ -68,8 +53,8 @@ def measure(client: httpx.Client, args, new_version) -> dict[str, float]:
     for _ in range(args.repeat):
         _, seconds, used = stream_chat(client, "base", args.tokens)
         one = max(one, used / seconds)
-        concurrent = max(concurrent, _together(client, bases, args.tokens))
-        mixed = max(mixed, _together(client, models, args.tokens))
+        concurrent = max(concurrent, together(client, bases, args.tokens))
+        mixed = max(mixed, together(client, models, args.tokens))
     started = time.perf_counter()
     name = new_version()
     while True:  # the version is written; time until its first token reaches the client
@@ -82,13 +67,6 @@ def measure(client: httpx.Client, args, new_version) -> dict[str, float]:
             time.sleep(0.05)
     first = time.perf_counter() - started
     return {"one": one, "concurrent": concurrent, "mixed": mixed, "first_token_s": first}
-
-
-def _together(client: httpx.Client, models: list[str], tokens: int) -> float:
-    start = time.perf_counter()
-    with ThreadPoolExecutor(len(models)) as pool:
-        results = list(pool.map(lambda m: stream_chat(client, m, tokens), models))
-    return sum(r[2] for r in results) / (time.perf_counter() - start)
 
 
 def main() -> None:

