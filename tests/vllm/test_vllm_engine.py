@@ -87,8 +87,10 @@ def detox(vllm: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture(scope="module")
 def builtin(detox: Processes) -> Iterator[Processes]:
-    """A second API on the same state, decoding with the built-in engine."""
-    service = Processes(detox.home, detox.env | {"DETOX_ENGINE": "builtin"})
+    """A second API on the same state, decoding with the built-in engine in vLLM's precision
+    (float32: the demo model's config), so the two must give the same text."""
+    same_dtype = {"DETOX_ENGINE": "builtin", "DETOX_SERVING_DTYPE": "float32"}
+    service = Processes(detox.home, detox.env | same_dtype)
     try:
         service.start_api()
         service.wait_ready(300)
