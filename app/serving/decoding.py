@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -270,6 +272,17 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def contiguous_head_input(model: nn.Module) -> RemovableHandle | None:
+    """Hand the output head a contiguous input. Why: with `logits_to_keep` the head gets a
+    strided view of each row's last position, and on a CPU a bfloat16 matmul of a strided
+    [rows, 1, hidden] input broadcasts the whole head per row (demo model, 32 rows of 4 prompt
+    tokens: 2.3 s a forward instead of 0.14 s)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return None
+    return head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
 
 
 def _last_logits_only(lm: LoadedModel) -> dict[str, int]:

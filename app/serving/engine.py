@@ -31,7 +31,7 @@ from app.ml.memory import release_free_memory
 from app.ml.models import LoadedModel
 from app.serving.batcher import Batcher, ContinuousBatcher
 from app.serving.cache import VersionCache
-from app.serving.decoding import Decoder, GenRequest, run_batch
+from app.serving.decoding import Decoder, GenRequest, contiguous_head_input, run_batch
 from app.serving.engine_base import EngineBase, EngineHealth, result_of
 from app.serving.errors import UnknownModelError
 from app.serving.live_versions import BASE
@@ -71,6 +71,7 @@ class Engine(EngineBase):
         self.cache = VersionCache(cache_size)
         self._fingerprints: dict[str, str] = {}
         self._hooks = BatchDeltaHooks(lm.model)
+        self._head_hook = contiguous_head_input(lm.model)
         self._decoder = Decoder(lm, self._hooks, _stop_ids(lm), _pad_id(lm))
         self.batching = batching
         self._dtype_reason = dtype_reason
@@ -194,6 +195,8 @@ class Engine(EngineBase):
         super().close()
         self._batcher.close()
         self._hooks.remove()
+        if self._head_hook is not None:
+            self._head_hook.remove()
 
 
 async def _drain(events: asyncio.Queue[Event]) -> AsyncIterator[Event]:
