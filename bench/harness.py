@@ -156,10 +156,12 @@ def server_env(
     }
 
 
-def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
+def start_server(env: dict[str, str], port: int, log: Path | None = None) -> subprocess.Popen:
+    """`detox api` on `port`, its output to `log` (default: discarded); waits until it answers."""
+    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (the child's)
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--short-tokens", type=int, default=8, help="(e): the short requests'")
     parser.add_argument("--shorts", type=int, default=12, help="(e): short requests per run")
     parser.add_argument("--short-every-s", type=float, default=0.4)
+    parser.add_argument("--configs", action="append", help=f"(e): only these of {list(CONFIGS)}")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="detox-bench-serving-"))
@@ -200,9 +201,9 @@ def engine_table(args, tmp: Path, url: str, sessions, lm) -> None:
         "SERVING_MAX_PENDING": "256",
         "RATE_LIMIT_PER_MINUTE": "0",
     }
-    configs = dict(CONFIGS)
+    configs = {k: v for k, v in CONFIGS.items() if not args.configs or k in args.configs}
     vllm = None
-    if VLLM_PYTHON.is_file() and args.device in ("auto", "cpu"):
+    if VLLM_PYTHON.is_file() and args.device in ("auto", "cpu") and not args.configs:
         vllm_url = f"http://127.0.0.1:{free_port()}"
         served = str(demo_model_dir()) if args.model == "demo" else args.model
         print(f"starting vLLM at {vllm_url}", file=sys.stderr)
@@ -219,12 +220,16 @@ def engine_table(args, tmp: Path, url: str, sessions, lm) -> None:
             print(f"(e) {label}", file=sys.stderr)
             env = server_env(tmp / "e", url, args.model, args.device, **common, **settings)
             port = free_port()
-            proc = start_server(env, port)
+            log = tmp / f"api {label}.log"
+            proc = start_server(env, port, log)
             client = httpx.Client(
-                base_url=f"http://127.0.0.1:{port}", timeout=600, headers=bench_headers()
-            )
+                base_url=f"http://127.0.0.1:{port}", timeout=600, headers=bench_headers(),
+                limits=httpx.Limits(keepalive_expiry=2),  # the server closes idle ones at 5 s
+            )  # fmt: skip
             try:
                 rows[label] = measure_config(client, args)
+            except httpx.HTTPError as exc:
+                raise SystemExit(f"{label}: {exc!r}; the server's log: {log}") from exc
             finally:
                 client.close()
                 proc.terminate()
