@@ -258,8 +258,7 @@ class ContinuousBatcher(_ComputeThread):
         except Exception as exc:
             log.exception("prefill failed")
             self._prefills.popleft()
-            for row in prefill.rows:
-                row.emit(Failed(exc))
+            prefill.fail(exc)
             return
         self.cancelled += cancelled
         if len(cohort) and not (self._cohorts and self._cohorts[-1].absorb(cohort)):

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -75,6 +76,13 @@ class Decoder:
     stop_ids: set[int]
     pad_id: int
 
+    @cached_property
+    def last_logits_only(self) -> dict[str, int]:
+        """Prefill needs the logits of the last position only (the output head over every
+        prompt position would cost as much as several decoding steps)."""
+        forward = inspect.signature(self.lm.model.forward).parameters
+        return {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+
 
 class Prefill:
     """New requests' prompts, left padded into one batch and run through the model a chunk of
@@ -118,11 +126,15 @@ class Prefill:
                 position_ids=self.positions[:, start:end],
                 past_key_values=self.cache,
                 use_cache=True,
-                **_last_logits_only(lm),
+                **self.decoder.last_logits_only,
             )
         self.done_columns = end
         if self.done:
             self.logits = out.logits[:, -1, :].float()
+
+    def fail(self, exc: BaseException) -> None:
+        for row in self.rows:
+            row.emit(Failed(exc))
 
     def cohort(self) -> tuple[Cohort, int]:
         """The rows as a decoding cohort, their first tokens taken (rows already done left it);
@@ -150,7 +162,7 @@ class Cohort:
         self.mask = mask
         self.positions = positions  # [rows, 1]
         self.pending: list[int] = []
-        self.plan = decoder.hooks.plan([row.request.weights for row in rows])
+        self._replan()
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -208,7 +220,7 @@ class Cohort:
         self.positions = torch.cat([self.positions, other.positions])
         self.rows += other.rows
         self.pending += other.pending
-        self.plan = self.decoder.hooks.plan([row.request.weights for row in self.rows])
+        self._replan()
         return True
 
     def _keep(self, keep: list[int]) -> None:
@@ -219,6 +231,10 @@ class Cohort:
         self.cache.batch_select_indices(index)
         self.mask, self.positions = self.mask[index], self.positions[index]
         self._trim()
+        self._replan()
+
+    def _replan(self) -> None:
+        """Which version each row runs, for the hooks (after the rows changed)."""
         self.plan = self.decoder.hooks.plan([row.request.weights for row in self.rows])
 
     def _trim(self) -> None:
@@ -250,9 +266,7 @@ def run_batch(decoder: Decoder, requests: Sequence[GenRequest]) -> int:
             cancelled += cohort.step()
     except Exception as exc:
         log.exception("generation failed")
-        if cohort is None:
-            cohort = Cohort(decoder, prefill.rows, prefill.cache, prefill.mask, prefill.positions)
-        cohort.fail(exc)
+        (prefill if cohort is None else cohort).fail(exc)
     return cancelled
 
 
@@ -283,13 +297,6 @@ def contiguous_head_input(model: nn.Module) -> RemovableHandle | None:
     if head is None:
         return None
     return head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
-
-
-def _last_logits_only(lm: LoadedModel) -> dict[str, int]:
-    """Prefill needs the logits of the last position only (the output head over every prompt
-    position would cost as much as several decoding steps)."""
-    forward = inspect.signature(lm.model.forward).parameters
-    return {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator:

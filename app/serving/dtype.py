@@ -3,7 +3,8 @@ say it before a model loads. Edits keep their own precision (`DETOX_DTYPE`); a v
 are applied in the serving dtype.
 
 "auto" takes bfloat16 on CUDA, and on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX),
-where it measured faster (README, "Serving"); float32 on other CPUs, where bfloat16 is emulated.
+where it measured faster (README, "Batching and precision"); float32 on other CPUs, where
+bfloat16 is emulated.
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ def build_engine(
         torch.set_num_threads(settings.torch_threads)
 
     dtype, dtype_reason = serving_dtype(settings.serving_dtype, pick_device(settings.device).type)
+    if lm is not None:
+        dtype_reason = "the model given"
 
     def load() -> tuple[LoadedModel, str]:
         loaded = lm if lm is not None else load_model(
@@ -46,10 +48,7 @@ def build_engine(
         )  # fmt: skip
         return loaded, loaded.base_fingerprint  # computed here, on the base weights
 
-    given = lm is not None
     lm, fingerprint = on_passing_thread(load)
-    if given:
-        dtype_reason = "the model given"
     common = {
         "max_tokens": settings.serving_max_tokens,
         "max_prompt_tokens": settings.serving_max_prompt_tokens,
