@@ -1,12 +1,14 @@
 """Ways to get logits for fixed sequences while one layer's MLP output projection is tuned.
 
 `PlainRunner` runs the whole model each time. `FastRunner` exploits that nothing below the edited
-layer changes: one full forward pass records the inputs every layer from the edited one upwards
+layer changes: one forward pass records the inputs every layer from the edited one upwards
 receives (hidden states, masks, rotary embeddings — whatever that architecture passes), and each
 later call replays only those layers and the output head. This works for any architecture whose
-decoder layers are called one after another, without knowing their signatures. It also passes
-every read of a step through the output head in one call. `PlainRunner`, the model's own logits
-one call per read, is the reference the tests hold it to.
+decoder layers are called one after another, without knowing their signatures. Where every layer
+takes the same arguments besides its hidden states (no per-layer attention types), the recording
+pass stops at the edited layer and lends its arguments to the layers above, which are not run
+until the first step. It also passes every read of a step through the output head in one call.
+`PlainRunner`, the model's own logits one call per read, is the reference the tests hold it to.
 """
 
 from __future__ import annotations
@@ -94,6 +96,61 @@ class _LayerCall:
             out = layer(*self._args, hidden_states=hidden, **self._kwargs)
         return out[0] if isinstance(out, tuple) else out
 
+    def same_arguments(self, other: _LayerCall) -> bool:
+        """Whether `other` was given the very same objects besides its hidden states."""
+        return (
+            self._positional == other._positional
+            and len(self._args) == len(other._args)
+            and all(a is b for a, b in zip(self._args, other._args, strict=True))
+            and self._kwargs.keys() == other._kwargs.keys()
+            and all(v is other._kwargs[k] for k, v in self._kwargs.items())
+        )
+
+
+class _Recorded(Exception):
+    """Ends a recording pass once the only layer it records has been called."""
+
+
+def _layers_share_arguments(model: nn.Module, layers: list[nn.Module]) -> bool:
+    """Whether every layer from the lowest replayed one upwards is called with the same arguments
+    besides its hidden states, so that only the lowest one's call needs recording.
+
+    Layers of different attention types (the sliding-window and full layers of Gemma 2, Qwen 2's
+    `max_window_layers`...) are given different masks, which a short probe may not show (a mask
+    may be left out below the window): the config's `layer_types` or the layers' own
+    `attention_type` tell those. Anything else an architecture passes per layer shows in a
+    two-token probe, whose calls must hand every layer the very same objects."""
+    kinds = getattr(model.config, "layer_types", None)
+    if kinds is not None and len(set(kinds)) > 1:
+        return False
+    if len({getattr(layer, "attention_type", None) for layer in layers}) > 1:
+        return False
+    probe = torch.zeros((1, 2), dtype=torch.long, device=next(model.parameters()).device)
+    calls = _record_calls(model, probe, layers)
+    return all(calls[0].same_arguments(call) for call in calls[1:])
+
+
+def _record_calls(model: nn.Module, ids: torch.Tensor, layers: list[nn.Module]) -> list[_LayerCall]:
+    """Each of `layers`' calls in a no-grad pass over `ids`; with one layer, the pass ends there."""
+    calls: list[_LayerCall] = []
+
+    def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append(_LayerCall(args, dict(kwargs)))
+        if len(layers) == 1:
+            raise _Recorded
+
+    hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    try:
+        run_layers(model, ids)
+    except _Recorded:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if len(calls) != len(layers):
+        raise RuntimeError(f"expected {len(layers)} decoder layer calls, recorded {len(calls)}")
+    return calls
+
 
 # Recordings reused across edits of the same weights, by (layer, device, ids); only sequences the
 # caller marks as shared (the retain groups) are kept.
@@ -116,6 +173,7 @@ class FastRunner:
         self.device = lm.device
         self._adapter = lm.adapter
         self._layers = list(lm.adapter.layers)[layer:]
+        self._lowest_only = _layers_share_arguments(lm.model, self._layers)
         self._inputs: list[torch.Tensor] = []
         self._calls: list[list[_LayerCall]] = []
         for index, ids in enumerate(sequences):
@@ -138,24 +196,9 @@ class FastRunner:
         return hidden, calls
 
     def _record(self, model: nn.Module, ids: torch.Tensor) -> list[_LayerCall]:
-        calls: list[_LayerCall] = []
-
-        def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls.append(_LayerCall(args, dict(kwargs)))
-
-        hooks = [
-            layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self._layers
-        ]
-        try:
-            run_layers(model, ids)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if len(calls) != len(self._layers):
-            raise RuntimeError(
-                f"expected {len(self._layers)} decoder layer calls, recorded {len(calls)}"
-            )
-        return calls
+        if self._lowest_only:  # one call, lent to every layer above
+            return _record_calls(model, ids, self._layers[:1]) * len(self._layers)
+        return _record_calls(model, ids, self._layers)
 
     def logits(self, index: int, keep: int) -> torch.Tensor:
         return self.rows_logits(index, keep)[0]

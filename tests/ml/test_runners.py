@@ -1,0 +1,59 @@
+import pytest
+import torch
+import transformers as tf
+
+from app.ml.models import LoadedModel
+from app.ml.runners import FastRunner, PlainRunner
+from tests.factories import _DECODER, tiny_model, tiny_tokenizer
+
+LOWEST = 1  # the lowest replayed layer of the tiny models' four
+
+
+def _sliding(window: int) -> LoadedModel:
+    """Gemma 2 alternates sliding-window and full layers: their masks differ past the window."""
+    torch.manual_seed(0)
+    config = tf.Gemma2Config(**_DECODER, sliding_window=window)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return LoadedModel(model=model, tokenizer=tiny_tokenizer(), name="tiny-gemma2-window")
+
+
+def _sequences(lengths: list[int]) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(4, 90, (2, n), generator=generator) for n in lengths]
+
+
+def _top_layer_calls(lm: LoadedModel, sequences: list[torch.Tensor]) -> tuple[FastRunner, int]:
+    calls = []
+    hook = lm.adapter.layers[-1].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        runner = FastRunner(lm, LOWEST, sequences)
+    finally:
+        hook.remove()
+    return runner, len(calls)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2", "gpt-neox", "opt", "phi3"])
+def test_recording_stops_at_the_lowest_replayed_layer(family):
+    lm = tiny_model(family)
+    sequences = _sequences([7, 12, 5])
+    runner, top_calls = _top_layer_calls(lm, sequences)
+    assert top_calls == 1  # the two-token probe only, no recording pass reached the top
+    plain = PlainRunner(lm, 0, sequences)
+    for index, ids in enumerate(sequences):
+        with torch.no_grad():
+            torch.testing.assert_close(
+                runner.rows_logits(index, ids.shape[1]), plain.rows_logits(index, ids.shape[1])
+            )
+
+
+def test_layers_of_different_attention_types_are_each_recorded():
+    lm = _sliding(window=3)
+    sequences = _sequences([9, 14])
+    runner, top_calls = _top_layer_calls(lm, sequences)
+    plain = PlainRunner(lm, 0, sequences)
+    for index, ids in enumerate(sequences):
+        with torch.no_grad():
+            torch.testing.assert_close(
+                runner.rows_logits(index, ids.shape[1]), plain.rows_logits(index, ids.shape[1])
+            )
+    assert top_calls == len(sequences)  # no probe: the config tells
