@@ -125,6 +125,11 @@ class Settings(BaseSettings):
         description="the serving engine's weights: auto = bfloat16 on CUDA and on CPUs with "
         "native bfloat16 (AVX512-BF16, AMX), else float32; edits keep DETOX_DTYPE",
     )
+    serving_packed: bool = Field(
+        True,
+        description="bfloat16 linear layers on the CPU compute from weights packed once for "
+        "oneDNN (faster; the packed copy costs the weights' memory again)",
+    )
     serving_max_tokens: int = Field(
         512, ge=1, le=32_768, description="cap of max_tokens on the generation endpoints"
     )

@@ -35,6 +35,7 @@ from app.serving.decoding import Decoder, GenRequest, contiguous_head_input, run
 from app.serving.engine_base import EngineBase, EngineHealth, result_of
 from app.serving.errors import UnknownModelError
 from app.serving.live_versions import BASE
+from app.serving.packed import pack_linears, unpack_linears
 from app.serving.sampling import Event, Failed, Finished, SamplingParams
 from app.serving.source import VersionInfo, VersionSource
 from app.serving.weights import BatchDeltaHooks, VersionWeights, version_weights
@@ -66,12 +67,14 @@ class Engine(EngineBase):
         batching: Literal["continuous", "static"] = "continuous",
         prefill_tokens: int = 128,
         dtype_reason: str = "",
+        packed: bool = True,
         **common: Any,
     ):
         self.cache = VersionCache(cache_size)
         self._fingerprints: dict[str, str] = {}
         self._hooks = BatchDeltaHooks(lm.model)
         self._head_hook = contiguous_head_input(lm.model)
+        self._packed = pack_linears(lm.model) if packed else 0
         self._decoder = Decoder(lm, self._hooks, _stop_ids(lm), _pad_id(lm))
         self.batching = batching
         self._dtype_reason = dtype_reason
@@ -188,13 +191,15 @@ class Engine(EngineBase):
     def health(self) -> EngineHealth:
         dtype = str(self.lm.dtype).removeprefix("torch.")
         why = f" ({self._dtype_reason})" if self._dtype_reason else ""
-        detail = f"decoding in this process: {self.batching} batching, {dtype} weights{why}"
+        packed = ", linear layers packed for oneDNN" if self._packed else ""
+        detail = f"decoding in this process: {self.batching} batching, {dtype} weights{why}{packed}"
         return EngineHealth(self.kind, True, detail)
 
     def close(self) -> None:
         super().close()
         self._batcher.close()
         self._hooks.remove()
+        unpack_linears(self.lm.model)
         if self._head_hook is not None:
             self._head_hook.remove()
 

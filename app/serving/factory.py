@@ -75,6 +75,7 @@ def build_engine(
         batching=settings.serving_batching,
         prefill_tokens=settings.serving_prefill_tokens,
         dtype_reason=dtype_reason,
+        packed=settings.serving_packed,
         **common,
     )
 
