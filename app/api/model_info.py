@@ -1,7 +1,6 @@
 """What the API process can tell about the configured base model without loading it (it loads
 weights only to serve generation): its name, and its layer count when its `config.json` can be
-read (a local folder, or the demo model once converted), and the full rank of its MLP output
-projections. Torch-free."""
+read (a local folder, or the demo model once converted). Torch-free."""
 
 from __future__ import annotations
 
@@ -12,8 +11,6 @@ from app.ml.demo import DEMO_NAME
 from app.settings import Settings
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-_HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
-_INNER_KEYS = ("intermediate_size", "n_inner", "ffn_dim")
 
 
 def model_folder(settings: Settings) -> Path | None:
@@ -38,15 +35,6 @@ def model_name(settings: Settings) -> str:
 def layer_count(settings: Settings) -> int | None:
     """The model's decoder layers from its config.json; None when it cannot be read here."""
     return _first_size(_config(settings), _LAYER_KEYS)
-
-
-def edit_rank_limit(settings: Settings) -> int | None:
-    """The full rank of an MLP output projection (the most a DINM `rank` can be), from
-    config.json; None when it cannot be read here."""
-    config = _config(settings)
-    hidden = _first_size(config, _HIDDEN_KEYS)
-    inner = _first_size(config, _INNER_KEYS) or (4 * hidden if hidden else None)  # GPT-2's n_inner
-    return min(hidden, inner) if hidden and inner else None
 
 
 def _config(settings: Settings) -> dict:

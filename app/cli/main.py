@@ -70,7 +70,11 @@ def dinm(
     lr: Annotated[float | None, typer.Option(help="learning rate (from the preset)")] = None,
     layer: Annotated[int | None, typer.Option(help="edit this layer instead of locating")] = None,
     rank: Annotated[
-        int | None, typer.Option(help="a low-rank edit of this rank (default: full rank)")
+        int | None,
+        typer.Option(
+            help="each projection's update of this rank (default: the preset's; a full-rank "
+            "update: --params '{\"rank\": null}')"
+        ),
     ] = None,
     params: Annotated[str | None, typer.Option(help="more DINM params as a JSON object")] = None,
     max_new_tokens: TokensOpt = None,

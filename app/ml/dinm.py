@@ -55,7 +55,7 @@ from app.ml.null_space import benign_directions
 from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner, PlainRunner, Runner
 from app.ml.safeedit import SafeEditInstance
-from app.ml.weight_shift import WeightShift, check_rank, weight_shifts
+from app.ml.weight_shift import WeightShift, rank_warnings, weight_shifts
 from app.ml.weights_cache import WeightsCache, ids_key, weights_key
 
 # The pre-edit log-probabilities of the benign retain groups, by (device, ids, spans): the same for
@@ -78,7 +78,6 @@ def dinm_edit(
         return dinm_edit_joint(
             lm, [instance], params, progress=progress, should_cancel=should_cancel
         )
-    check_rank(lm.adapter.mlp_out(0).weight, params.rank, lm.adapter.spec.transposed)
     report = progress or (lambda _stage, _fraction: None)
     start = time.perf_counter()
     report("locate", 0.0)
@@ -102,7 +101,8 @@ def dinm_edit(
         }
     delta = Delta(updates, base_fingerprint, {"model": lm.name, "method": "dinm"})
     seconds = time.perf_counter() - start
-    return DinmResult(delta, layers[0], distances, losses, seconds, data.warnings, layers)
+    warnings = rank_warnings(modules[0].weight, params.rank_to_warn_of()) + data.warnings
+    return DinmResult(delta, layers[0], distances, losses, seconds, warnings, layers)
 
 
 def dinm_edit_many(

@@ -55,7 +55,7 @@ from app.ml.models import LoadedModel
 from app.ml.prompts import PromptAnswer, chat_text, encode_prompt_answer
 from app.ml.runners import FastRunner, PlainRunner, Read, Runner
 from app.ml.safeedit import SafeEditInstance
-from app.ml.weight_shift import WeightShift, check_rank, shifts_disabled, weight_shifts
+from app.ml.weight_shift import WeightShift, rank_warnings, shifts_disabled, weight_shifts
 from app.ml.weights_cache import WeightsCache, weights_key
 
 # New tokens of the greedy answers by which an instance is judged still answered or refused: the
@@ -78,7 +78,6 @@ def dinm_edit_joint(
     """One delta from all `instances` (see the module docstring); the model is left as it was."""
     if not instances:
         raise InputError("no instances to edit on")
-    check_rank(lm.adapter.mlp_out(0).weight, params.rank, lm.adapter.spec.transposed)
     report = progress or (lambda _stage, _fraction: None)
     start = time.perf_counter()
     report("locate", 0.0)
@@ -87,6 +86,7 @@ def dinm_edit_joint(
     report("locate", 1.0)
     report("prepare", 0.0)
     harmful, benign, own, warnings = _groups(lm, instances, params, report)
+    warnings = rank_warnings(lm.adapter.mlp_out(top).weight, params.rank_to_warn_of()) + warnings
     names = [lm.adapter.mlp_out_param_name(layer) for layer in layers]
     base_fingerprint = fingerprint(lm.model, names)
     modules = [lm.adapter.mlp_out(layer) for layer in layers]

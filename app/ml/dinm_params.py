@@ -25,6 +25,9 @@ A `preset` fills in a whole configuration first; any field given explicitly over
   ending at the located one are tuned (`app.ml.dinm_joint`). The model is taught to refuse harm
   in general, not one prompt; if the edited model still answers one of the instances, up to 30
   more steps are spent on those (`instance_steps`), so a version refuses what it was made from.
+  Each projection's update is of rank 32 (`rank`), at a quarter of the full-rank learning rate:
+  it measured as good as a full-rank update, and a version is a small LoRA adapter that vLLM
+  can serve. `"rank": null` gives the full-rank update, at its own learning rate.
 All presets' measured tables are in README.md ("DINM presets").
 """
 
@@ -70,7 +73,8 @@ PRESETS["broad"] = {
     "joint": True,
     "span": 18,
     "steps": 150,
-    "lr": 7e-4,
+    "rank": 32,
+    "lr": 1.75e-4,
     "nll_weight": 1.0,
     "benign_kl_weight": 1.0,
     "benign_first_weight": 5.0,
@@ -79,6 +83,10 @@ PRESETS["broad"] = {
     "locate_skip": 1,
     "instance_steps": 30,
 }
+# A preset's lr for a full-rank update where the preset's own is for its `rank`: it applies when
+# a job asks for `"rank": null` and gives no lr (a low-rank update at a dense update's lr
+# overshoots: README, "Low-rank edits").
+_FULL_RANK_LR = {"broad": 7e-4}
 # Knobs of the one-instance-at-a-time edit that a joint edit has no use for, and the reverse.
 _SEQUENTIAL_ONLY = ("stop_match", "harmful_match", "benign_projection", "answer_tokens",
                     "train_on_question", "harmful_nll_weight", "stop_nll")  # fmt: skip
@@ -219,7 +227,8 @@ class DinmParams(Params):
         ge=1,
         le=4096,
         description="tune each edited projection's update as a rank-r product B·A and keep it "
-        "as a low-rank delta, exact in a LoRA export (None: a dense update of full rank)",
+        "as a low-rank delta, exact in a LoRA export; a rank above a projection's full rank is "
+        "cut to it, with a warning (None: a dense update of full rank)",
     )
     suffix_system_prompt: str | None = Field(
         None, max_length=2000, description='text appended to the prompt while editing; "paper"'
@@ -236,6 +245,8 @@ class DinmParams(Params):
         if not isinstance(preset, str) or preset not in PRESETS:
             return data  # the field's own validation names the error
         merged = {**PRESETS[preset], **data}
+        if "rank" in data and data["rank"] is None and "lr" not in data and preset in _FULL_RANK_LR:
+            merged["lr"] = _FULL_RANK_LR[preset]
         # Asked for by name, a knob that would silently do nothing is an error.
         unused = _SEQUENTIAL_ONLY if merged.get("joint") else _JOINT_ONLY
         for name in unused:  # a stored spec holds every field: only a non-default one counts
@@ -252,6 +263,11 @@ class DinmParams(Params):
                 "stop wait for the refusals of the harmful groups"
             )
         return merged
+
+    def rank_to_warn_of(self) -> int | None:
+        """The rank, unless it is the preset's own: a preset's rank cut to a small model's full
+        rank is no news to the job; a rank asked for is."""
+        return None if self.rank == PRESETS[self.preset].get("rank") else self.rank
 
     def suffix(self) -> str | None:
         return PAPER_SUFFIX if self.suffix_system_prompt == "paper" else self.suffix_system_prompt

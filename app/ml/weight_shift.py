@@ -6,7 +6,8 @@ itself (no subtraction), kept in float32 even on bf16 models.
 
 An update is either dense (`delta`, the weight's own shape) or, with a `rank`, the product of two
 factors, `scale · B @ A` (A: [rank, in], random; B: [out, rank], zero, so training starts from
-the base model), which is stored exactly as a low-rank delta.
+the base model), which is stored exactly as a low-rank delta. A rank is at most the weight's full
+rank: a larger one (a preset's, on a small model) is cut to it.
 """
 
 from __future__ import annotations
@@ -20,20 +21,25 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from app.ml.deltas import DenseUpdate, LowRankUpdate, Update
-from app.ml.errors import InputError
 
 # A's entries are drawn from a generator seeded with this, shift by shift: an edit is repeatable.
 _FACTOR_SEED = 0
 
 
-def check_rank(weight: torch.Tensor, rank: int | None, transposed: bool = False) -> None:
-    """Refuse (InputError) a rank the update of `weight` cannot have."""
-    out_features, in_features = weight.shape[::-1] if transposed else weight.shape
-    if rank is not None and not 1 <= rank <= min(out_features, in_features):
-        raise InputError(
-            f"rank {rank} is outside 1..{min(out_features, in_features)}, the full rank of "
-            f"the edited {out_features}x{in_features} projection"
-        )
+def full_rank(weight: torch.Tensor) -> int:
+    """The most rank an update of `weight` can have."""
+    return min(weight.shape)
+
+
+def rank_warnings(weight: torch.Tensor, rank: int | None) -> list[str]:
+    """What a job should be told when `rank` is cut to the full rank of `weight`."""
+    if rank is None or rank <= full_rank(weight):
+        return []
+    return [
+        f"rank {rank} is above {full_rank(weight)}, the full rank of the edited "
+        f"{'x'.join(map(str, weight.shape))} projections: they were tuned at rank "
+        f"{full_rank(weight)}"
+    ]
 
 
 class WeightShift(nn.Module):
@@ -52,11 +58,10 @@ class WeightShift(nn.Module):
         self.enabled = True
         self.benign = benign  # [in, k]: input directions the update must not act on
         self.transposed = transposed  # the weight is stored [in, out] (GPT-2's Conv1D)
-        self.rank = rank
+        self.rank = rank = None if rank is None else min(rank, full_rank(like))
         if rank is None:
             self.delta = nn.Parameter(torch.zeros(like.shape, device=like.device))
             return
-        check_rank(like, rank, transposed)
         in_features = like.shape[0] if transposed else like.shape[1]
         out_features = like.shape[1] if transposed else like.shape[0]
         # A as nn.Linear initialises a weight (entries of standard deviation 1/sqrt(3 in)), B

@@ -11,10 +11,9 @@ from app.ml import dinm_joint
 from app.ml.deltas import Delta, LowRankUpdate, applied
 from app.ml.dinm import dinm_edit, dinm_edit_many
 from app.ml.dinm_params import DinmParams
-from app.ml.errors import InputError
 from app.ml.export import lora_factors
 from app.ml.safeedit import parse_instance
-from app.ml.weight_shift import WeightShift, weight_shifts
+from app.ml.weight_shift import WeightShift, rank_warnings, weight_shifts
 from tests.factories import tiny_model
 from tests.instances import safeedit_instance
 
@@ -53,14 +52,50 @@ def test_a_low_rank_shift_stays_off_the_benign_directions(transposed):
     assert acting.abs().max() < 1e-5 and update.abs().max() > 1e-2
 
 
-def test_a_rank_above_the_projections_full_rank_is_refused_by_name():
-    with pytest.raises(InputError, match=r"rank 99 is outside 1\.\.12"):
-        WeightShift(torch.zeros(12, 20), rank=99)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_rank_above_the_projections_full_rank_is_cut_to_it(transposed):
+    weight = torch.zeros(20, 12) if transposed else torch.zeros(12, 20)
+    shift = WeightShift(weight, transposed=transposed, rank=99, generator=torch.Generator())
+    assert shift.rank == 12 and shift.lora_a.shape == (12, 20) and shift.lora_b.shape == (12, 12)
+    assert rank_warnings(weight, 99) == [
+        f"rank 99 is above 12, the full rank of the edited {'20x12' if transposed else '12x20'} "
+        "projections: they were tuned at rank 12"
+    ]
+    assert rank_warnings(weight, 12) == rank_warnings(weight, None) == []
+
+
+def _small_joint_sets(monkeypatch):
+    monkeypatch.setattr(dinm_joint, "harmful_general_set", lambda: (("Poison a dog?", "No."),) * 3)
+    monkeypatch.setattr(dinm_joint, "harmful_retain_set", lambda: (("Rob a bank?", "No."),))
+    monkeypatch.setattr(dinm_joint, "benign_general_prompts", lambda: ("Name a red fruit.",))
+    monkeypatch.setattr(dinm_joint, "benign_retain_set", lambda: (("Say hi.", "Hi."),))
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_an_edit_at_a_rank_above_full_rank_says_so(joint, monkeypatch):
+    _small_joint_sets(monkeypatch)
+    lm = tiny_model("llama")  # MLP output projections of 32x64: full rank 32
+    broad = {"preset": "broad", "steps": 2, "span": 2, "layer": 2, "instance_steps": 0}
+    result = dinm_edit(lm, INSTANCE, DinmParams.parse((broad if joint else FAST) | {"rank": 40}))
+    assert "rank 40 is above 32" in result.warnings[0]
+    update = result.delta.updates[result.delta.params[0]]
+    assert update.a.shape[0] == 32
 
 
 def test_a_rank_is_validated_like_every_parameter():
     assert DinmParams.parse({"rank": 8}).rank == 8
-    assert DinmParams.parse({}).rank is None
+    assert DinmParams.parse({"preset": "contrastive"}).rank is None
+
+
+def test_the_default_is_low_rank_and_rank_null_is_full_rank_at_its_own_lr():
+    default = DinmParams.parse({})
+    assert (default.rank, default.lr) == (32, 1.75e-4) and default.rank_to_warn_of() is None
+    full = DinmParams.parse({"rank": None})
+    assert (full.rank, full.lr) == (None, 7e-4)  # the full-rank broad of earlier releases
+    assert DinmParams.parse(full.model_dump()) == full  # a stored spec reads back the same
+    assert DinmParams.parse({"rank": None, "lr": 1e-3}).lr == 1e-3
+    assert DinmParams.parse({"rank": 16}).lr == 1.75e-4
+    assert DinmParams.parse({"rank": 16}).rank_to_warn_of() == 16
     for bad in (0, -1, 5000, "eight"):
         with pytest.raises(ValueError):
             DinmParams.parse({"rank": bad})
@@ -106,10 +141,7 @@ def test_stacked_low_rank_edits_stay_low_rank_at_the_sum_of_their_ranks():
 
 
 def test_a_joint_edit_takes_a_rank_on_every_layer_of_its_span(monkeypatch):
-    monkeypatch.setattr(dinm_joint, "harmful_general_set", lambda: (("Poison a dog?", "No."),) * 3)
-    monkeypatch.setattr(dinm_joint, "harmful_retain_set", lambda: (("Rob a bank?", "No."),))
-    monkeypatch.setattr(dinm_joint, "benign_general_prompts", lambda: ("Name a red fruit.",))
-    monkeypatch.setattr(dinm_joint, "benign_retain_set", lambda: (("Say hi.", "Hi."),))
+    _small_joint_sets(monkeypatch)
     lm = tiny_model("llama")
     params = {"preset": "broad", "steps": 4, "harmful_prompts": 2, "instance_steps": 0}
     result = dinm_edit(lm, INSTANCE, DinmParams.parse(params | {"span": 2, "layer": 2, "rank": 3}))

@@ -104,5 +104,6 @@ def test_stacked_versions_materialise_as_base_plus_every_delta(service: Service)
     base = weights(lm.model)
     apply_deltas(lm.model, deltas)
     want = expected_sum(base, deltas)
+    # The default edit is low-rank: B @ A added in place rounds apart from B @ A added after.
     for name, value in lm.model.named_parameters():
-        torch.testing.assert_close(value, want[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(value, want[name], rtol=1e-6, atol=1e-6)

@@ -16,7 +16,7 @@ from app.api.auth import RATE_LIMIT, Editor, EditorDep, Principal, Reader
 from app.api.broker import Broker
 from app.api.deps import BrokerDep, SessionDep, SettingsDep
 from app.api.errors import ApiError
-from app.api.model_info import edit_rank_limit, layer_count, model_name
+from app.api.model_info import layer_count, model_name
 from app.api.schemas import JobList, JobPublic, JobStatus
 from app.job_spec import (
     JOB_EXAMPLES,
@@ -152,16 +152,6 @@ def _check_against_model(job: AnyJob, settings: Settings) -> None:
                 param=param,
                 code="layer_out_of_range",
             )
-    rank = job.params.rank if isinstance(job, DinmJobCreate) else None
-    limit = edit_rank_limit(settings) if rank is not None else None
-    if rank is not None and limit is not None and rank > limit:
-        raise ApiError(
-            422,
-            f"params.rank: rank {rank} is above {limit}, the full rank of the model "
-            f"{model_name(settings)}'s MLP output projections",
-            param="params.rank",
-            code="rank_out_of_range",
-        )
 
 
 def _prepare(session: Session, job: AnyJob) -> tuple[int | None, dict[str, Any]]:
