@@ -13,12 +13,15 @@ until the first step. It also passes every read of a step through the output hea
 
 from __future__ import annotations
 
+import hashlib
 from functools import partial
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from app.ml.disk_cache import content_key, load_tensor, save_tensor
 from app.ml.models import LoadedModel
 from app.ml.weights_cache import WeightsCache, ids_key
 
@@ -157,11 +160,45 @@ def _record_calls(model: nn.Module, ids: torch.Tensor, layers: list[nn.Module]) 
 _RECORDINGS: WeightsCache[tuple[torch.Tensor, list[_LayerCall]]] = WeightsCache()
 
 
+class _DiskInputs:
+    """Shared sequences' inputs to the lowest replayed layer, kept on disk (`app.ml.disk_cache`)
+    for the next process. Only where every decoder layer takes the same arguments: the first
+    layer's are then the lowest replayed one's, and a pass that stops at the first layer gives
+    them, so the input is all a recording needs from disk. Keyed by the exact bytes of the weights
+    below that layer (hashed once per runner, when first needed) and the ids."""
+
+    def __init__(self, lm: LoadedModel, layer: int, directory: Path):
+        self._lm, self._layer, self._directory = lm, layer, directory
+        self._weights: str | None = None
+
+    def _key(self, ids: torch.Tensor) -> str:
+        if self._weights is None:
+            above = list(self._lm.adapter.layers)[self._layer :]
+            self._weights = content_key(
+                self._lm.model, above, value="layer-input", layer=self._layer,
+                device=self._lm.device.type, dtype=str(self._lm.dtype),
+            )  # fmt: skip
+        digest = hashlib.sha256(f"{self._weights}:{tuple(ids.shape)}:".encode())
+        digest.update(ids.to("cpu", torch.int64).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def load(self, ids: torch.Tensor) -> torch.Tensor | None:
+        kept = load_tensor(self._directory, self._key(ids))
+        if kept is None or kept.ndim != 3 or kept.shape[:2] != ids.shape:
+            return None
+        return kept.to(device=self._lm.device, dtype=self._lm.dtype)
+
+    def save(self, ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        save_tensor(self._directory, self._key(ids), hidden)
+
+
 class FastRunner:
     """Replays the layers from `layer` upwards: with several edited layers, pass the lowest.
 
     With `shared=(weights_key, first)`, sequences from index `first` on are recorded once per
-    weights key and layer and reused by later edits (`weights_key` taken before any edit hooks)."""
+    weights key and layer and reused by later edits (`weights_key` taken before any edit hooks),
+    and, where the model has a disk cache (`lm.cache_dir`) and every layer takes the same
+    arguments, their inputs to `layer` are kept there for later processes."""
 
     def __init__(
         self,
@@ -172,27 +209,42 @@ class FastRunner:
     ):
         self.device = lm.device
         self._adapter = lm.adapter
+        self._first = lm.adapter.layers[0]
         self._layers = list(lm.adapter.layers)[layer:]
-        self._lowest_only = _layers_share_arguments(lm.model, self._layers)
+        all_share = _layers_share_arguments(lm.model, list(lm.adapter.layers))
+        self._lowest_only = all_share or _layers_share_arguments(lm.model, self._layers)
+        disk = None
+        if shared is not None and all_share and lm.cache_dir is not None:
+            disk = _DiskInputs(lm, layer, lm.cache_dir)
         self._inputs: list[torch.Tensor] = []
         self._calls: list[list[_LayerCall]] = []
         for index, ids in enumerate(sequences):
             if shared is not None and index >= shared[1]:
                 name = (layer, str(self.device), ids_key(ids))
-                record = partial(self._kept, lm, ids)
+                record = partial(self._kept, lm, ids, disk)
                 hidden, calls = _RECORDINGS.get(lm.model, shared[0], name, record)
             else:
                 hidden, calls = self._kept(lm, ids)
             self._inputs.append(hidden)
             self._calls.append(calls)
 
-    def _kept(self, lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, list[_LayerCall]]:
+    def _kept(
+        self, lm: LoadedModel, ids: torch.Tensor, disk: _DiskInputs | None = None
+    ) -> tuple[torch.Tensor, list[_LayerCall]]:
         """The edited layer's input and every recorded call; only that input is ever read back,
         so the other layers' hidden states are freed."""
-        calls = self._record(lm.model, ids.to(self.device))
+        ids = ids.to(self.device)
+        hidden = disk.load(ids) if disk is not None else None
+        if hidden is not None:  # the arguments from a pass that stops at the first layer
+            call = _record_calls(lm.model, ids, [self._first])[0]
+            call.hidden = None
+            return hidden, [call] * len(self._layers)
+        calls = self._record(lm.model, ids)
         hidden = calls[0].hidden
         for call in calls:
             call.hidden = None
+        if disk is not None:
+            disk.save(ids, hidden)
         return hidden, calls
 
     def _record(self, model: nn.Module, ids: torch.Tensor) -> list[_LayerCall]:
