@@ -115,8 +115,8 @@ class _Recorded(Exception):
 
 
 def _layers_share_arguments(model: nn.Module, layers: list[nn.Module]) -> bool:
-    """Whether every layer from the lowest replayed one upwards is called with the same arguments
-    besides its hidden states, so that only the lowest one's call needs recording.
+    """Whether all of `layers` are called with the same arguments besides their hidden states,
+    so that one call's recording serves them all.
 
     Layers of different attention types (the sliding-window and full layers of Gemma 2, Qwen 2's
     `max_window_layers`...) are given different masks, which a short probe may not show (a mask
