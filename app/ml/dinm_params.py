@@ -25,7 +25,7 @@ A `preset` fills in a whole configuration first; any field given explicitly over
   ending at the located one are tuned (`app.ml.dinm_joint`). The model is taught to refuse harm
   in general, not one prompt; if the edited model still answers one of the instances, up to 30
   more steps are spent on those (`instance_steps`), so a version refuses what it was made from.
-  Each projection's update is of rank 32 (`rank`), at a quarter of the full-rank learning rate:
+  Each projection's update is of rank 4 (`rank`), at a quarter of the full-rank learning rate:
   it measured as good as a full-rank update, and a version is a small LoRA adapter that vLLM
   can serve. `"rank": null` gives the full-rank update, at its own learning rate.
 All presets' measured tables are in README.md ("DINM presets").
@@ -73,7 +73,7 @@ PRESETS["broad"] = {
     "joint": True,
     "span": 18,
     "steps": 150,
-    "rank": 32,
+    "rank": 4,
     "lr": 1.75e-4,
     "nll_weight": 1.0,
     "benign_kl_weight": 1.0,

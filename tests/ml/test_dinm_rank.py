@@ -89,7 +89,7 @@ def test_a_rank_is_validated_like_every_parameter():
 
 def test_the_default_is_low_rank_and_rank_null_is_full_rank_at_its_own_lr():
     default = DinmParams.parse({})
-    assert (default.rank, default.lr) == (32, 1.75e-4) and default.rank_to_warn_of() is None
+    assert (default.rank, default.lr) == (4, 1.75e-4) and default.rank_to_warn_of() is None
     full = DinmParams.parse({"rank": None})
     assert (full.rank, full.lr) == (None, 7e-4)  # the full-rank broad of earlier releases
     assert DinmParams.parse(full.model_dump()) == full  # a stored spec reads back the same
