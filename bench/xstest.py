@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument(
         "--config",
         action="append",
-        help="LABEL=PARAMS (JSON DINM params); LABEL ending in /1 edits from the first case "
+        help="LABEL=PARAMS (JSON DINM params); a LABEL whose first word ends in /1 ('broad/1', "
+        "'broad/1 rank 8') edits from the first case "
         "only, else from all cases; repeatable (default: the default preset both ways)",
     )
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per answer")
@@ -85,7 +86,7 @@ def main() -> None:
     for spec in args.config or DEFAULT_CONFIGS:
         label, _, params_json = spec.partition("=")
         params = DinmParams.parse(json.loads(params_json or "{}"))
-        instances = cases[:1] if label.endswith("/1") else cases
+        instances = cases[:1] if re.search(r"/1(\s|$)", label) else cases
         started = time.perf_counter()
         result = dinm_edit_many(lm, instances, params)
         seconds = time.perf_counter() - started

@@ -25,9 +25,9 @@ A `preset` fills in a whole configuration first; any field given explicitly over
   ending at the located one are tuned (`app.ml.dinm_joint`). The model is taught to refuse harm
   in general, not one prompt; if the edited model still answers one of the instances, up to 30
   more steps are spent on those (`instance_steps`), so a version refuses what it was made from.
-  Each projection's update is of rank 4 (`rank`), at a quarter of the full-rank learning rate:
-  it measured as good as a full-rank update, and a version is a small LoRA adapter that vLLM
-  can serve. `"rank": null` gives the full-rank update, at its own learning rate.
+  Each projection's update is of rank 4 (`rank`): from the 19 packaged cases it measured as the
+  full-rank update does, and a version is a small LoRA adapter that vLLM can serve. `"rank":
+  null` gives the full-rank update.
 All presets' measured tables are in README.md ("DINM presets").
 """
 
@@ -74,7 +74,7 @@ PRESETS["broad"] = {
     "span": 18,
     "steps": 150,
     "rank": 4,
-    "lr": 1.75e-4,
+    "lr": 7e-4,
     "nll_weight": 1.0,
     "benign_kl_weight": 1.0,
     "benign_first_weight": 5.0,
@@ -83,10 +83,6 @@ PRESETS["broad"] = {
     "locate_skip": 1,
     "instance_steps": 30,
 }
-# A preset's lr for a full-rank update where the preset's own is for its `rank`: it applies when
-# a job asks for `"rank": null` and gives no lr (a low-rank update at a dense update's lr
-# overshoots: README, "Low-rank edits").
-_FULL_RANK_LR = {"broad": 7e-4}
 # Knobs of the one-instance-at-a-time edit that a joint edit has no use for, and the reverse.
 _SEQUENTIAL_ONLY = ("stop_match", "harmful_match", "benign_projection", "answer_tokens",
                     "train_on_question", "harmful_nll_weight", "stop_nll")  # fmt: skip
@@ -245,8 +241,6 @@ class DinmParams(Params):
         if not isinstance(preset, str) or preset not in PRESETS:
             return data  # the field's own validation names the error
         merged = {**PRESETS[preset], **data}
-        if "rank" in data and data["rank"] is None and "lr" not in data and preset in _FULL_RANK_LR:
-            merged["lr"] = _FULL_RANK_LR[preset]
         # Asked for by name, a knob that would silently do nothing is an error.
         unused = _SEQUENTIAL_ONLY if merged.get("joint") else _JOINT_ONLY
         for name in unused:  # a stored spec holds every field: only a non-default one counts

@@ -87,14 +87,12 @@ def test_a_rank_is_validated_like_every_parameter():
     assert DinmParams.parse({"preset": "contrastive"}).rank is None
 
 
-def test_the_default_is_low_rank_and_rank_null_is_full_rank_at_its_own_lr():
+def test_the_default_is_low_rank_and_rank_null_is_the_full_rank_edit():
     default = DinmParams.parse({})
-    assert (default.rank, default.lr) == (4, 1.75e-4) and default.rank_to_warn_of() is None
+    assert (default.rank, default.lr) == (4, 7e-4) and default.rank_to_warn_of() is None
     full = DinmParams.parse({"rank": None})
-    assert (full.rank, full.lr) == (None, 7e-4)  # the full-rank broad of earlier releases
+    assert full.rank is None and full.lr == default.lr  # the full-rank broad of earlier releases
     assert DinmParams.parse(full.model_dump()) == full  # a stored spec reads back the same
-    assert DinmParams.parse({"rank": None, "lr": 1e-3}).lr == 1e-3
-    assert DinmParams.parse({"rank": 16}).lr == 1.75e-4
     assert DinmParams.parse({"rank": 16}).rank_to_warn_of() == 16
     for bad in (0, -1, 5000, "eight"):
         with pytest.raises(ValueError):
