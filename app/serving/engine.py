@@ -74,7 +74,6 @@ class Engine(EngineBase):
         self._fingerprints: dict[str, str] = {}
         self._hooks = BatchDeltaHooks(lm.model)
         self._head_hook = contiguous_head_input(lm.model)
-        self._packed = pack_linears(lm.model) if packed else 0
         self._decoder = Decoder(lm, self._hooks, _stop_ids(lm), _pad_id(lm))
         self.batching = batching
         self._dtype_reason = dtype_reason
@@ -89,6 +88,8 @@ class Engine(EngineBase):
                 self._decoder, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
                 prefill_tokens=prefill_tokens,
             )  # fmt: skip
+        # Packing runs torch: on the compute thread, whose OpenMP team is the only one (batcher).
+        self._packed = self._batcher.call(lambda: pack_linears(lm.model)) if packed else 0
         super().__init__(lm, source, **common)  # see EngineBase for the common settings
         self.refresh()
 
