@@ -76,3 +76,24 @@ def test_a_packed_engine_serves_the_tokens_of_an_unpacked_one(sessions):
     assert packed == plain and plain[0] != plain[1]
     assert "packed" not in details[0] and details[1].endswith("linear layers packed for oneDNN")
     assert not any(isinstance(m.forward, PackedForward) for m in _linears(lm.model))  # closed
+
+
+def test_the_weights_are_packed_on_the_compute_thread(sessions, monkeypatch):
+    """The only thread that runs torch: another would bring a second OpenMP team (batcher)."""
+    import threading
+
+    import app.serving.engine as engine_module
+
+    threads = []
+
+    def recording(model):
+        threads.append(threading.current_thread().name)
+        return pack_linears(model)
+
+    monkeypatch.setattr(engine_module, "pack_linears", recording)
+    lm = in_bfloat16(tiny_model("llama"))
+    engine = Engine(lm, StoreVersionSource(sessions, base_fingerprint=lm.base_fingerprint))
+    try:
+        assert threads == ["detox-compute"] and "packed" in engine.health().detail
+    finally:
+        engine.close()
