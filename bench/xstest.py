@@ -86,7 +86,7 @@ def main() -> None:
     for spec in args.config or DEFAULT_CONFIGS:
         label, _, params_json = spec.partition("=")
         params = DinmParams.parse(json.loads(params_json or "{}"))
-        instances = cases[:1] if re.search(r"/1(\s|$)", label) else cases
+        instances = cases[:1] if re.match(r"\S*/1(\s|$)", label) else cases  # first word
         started = time.perf_counter()
         result = dinm_edit_many(lm, instances, params)
         seconds = time.perf_counter() - started

@@ -33,12 +33,13 @@ def full_rank(weight: torch.Tensor) -> int:
 
 def rank_warnings(weight: torch.Tensor, rank: int | None) -> list[str]:
     """What a job should be told when `rank` is cut to the full rank of `weight`."""
-    if rank is None or rank <= full_rank(weight):
+    full = full_rank(weight)
+    if rank is None or rank <= full:
         return []
+    shape = "x".join(map(str, weight.shape))
     return [
-        f"rank {rank} is above {full_rank(weight)}, the full rank of the edited "
-        f"{'x'.join(map(str, weight.shape))} projections: they were tuned at rank "
-        f"{full_rank(weight)}"
+        f"rank {rank} is above {full}, the full rank of the edited {shape} projections: they "
+        f"were tuned at rank {full}"
     ]
 
 

@@ -34,30 +34,29 @@ def _top_layer_calls(lm: LoadedModel, sequences: list[torch.Tensor]) -> tuple[Fa
     return runner, len(calls)
 
 
+def _same_logits(runner: FastRunner, lm: LoadedModel, sequences: list[torch.Tensor]) -> None:
+    plain = PlainRunner(lm, 0, sequences)
+    for index, ids in enumerate(sequences):
+        with torch.no_grad():
+            torch.testing.assert_close(
+                runner.rows_logits(index, ids.shape[1]), plain.rows_logits(index, ids.shape[1])
+            )
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "gpt2", "gpt-neox", "opt", "phi3"])
 def test_recording_stops_at_the_lowest_replayed_layer(family):
     lm = tiny_model(family)
     sequences = _sequences([7, 12, 5])
     runner, top_calls = _top_layer_calls(lm, sequences)
     assert top_calls == 1  # the two-token probe only, no recording pass reached the top
-    plain = PlainRunner(lm, 0, sequences)
-    for index, ids in enumerate(sequences):
-        with torch.no_grad():
-            torch.testing.assert_close(
-                runner.rows_logits(index, ids.shape[1]), plain.rows_logits(index, ids.shape[1])
-            )
+    _same_logits(runner, lm, sequences)
 
 
 def test_layers_of_different_attention_types_are_each_recorded():
     lm = _sliding(window=3)
     sequences = _sequences([9, 14])
     runner, top_calls = _top_layer_calls(lm, sequences)
-    plain = PlainRunner(lm, 0, sequences)
-    for index, ids in enumerate(sequences):
-        with torch.no_grad():
-            torch.testing.assert_close(
-                runner.rows_logits(index, ids.shape[1]), plain.rows_logits(index, ids.shape[1])
-            )
+    _same_logits(runner, lm, sequences)
     assert top_calls == len(sequences)  # no probe: the config tells
 
 
@@ -72,15 +71,6 @@ def _shared_runner(lm: LoadedModel, sequences: list[torch.Tensor]) -> tuple[Fast
     finally:
         hook.remove()
     return runner, len(calls)
-
-
-def _same_logits(runner: FastRunner, lm: LoadedModel, sequences: list[torch.Tensor]) -> None:
-    plain = PlainRunner(lm, 0, sequences)
-    for index, ids in enumerate(sequences):
-        with torch.no_grad():
-            torch.testing.assert_close(
-                runner.rows_logits(index, ids.shape[1]), plain.rows_logits(index, ids.shape[1])
-            )
 
 
 def test_shared_inputs_are_kept_on_disk_and_read_back_by_a_new_process(tmp_path):
