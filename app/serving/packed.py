@@ -6,6 +6,13 @@ does) made the demo model's 210 decoder projections 1.4x faster at one row and 1
 this CPU (README, "Batching and precision"), with the same tokens. The packed copy costs the
 weights' memory once more, so `DETOX_SERVING_PACKED` can turn it off.
 
+Sibling layers that a model feeds the same input (attention's q/k/v projections, the MLP's gate and
+up projections) are packed as one matrix (`PackedGroup`): the first one called computes them all
+and the others take their slice, so a decoding step of a Llama-like model runs 4 matrix products a
+layer instead of 7, with the same logits. The 121 products of a step of the demo model at one row
+took 15.6 ms against 16.7 ms for the 211 separate ones (each oneDNN call costs ~15 µs on its own).
+Each layer's own forward hooks still run on its own slice.
+
 Only the serving engine's model is packed: it runs without gradients and never changes a base
 weight (versions are applied by hooks beside the layers). Should a weight change in place anyway,
 it is packed again before its next use; with gradients on, a layer runs as before.
@@ -47,6 +54,66 @@ class PackedForward:
         return _packed_linear(x, self._packed, bias)
 
 
+# Sibling layers that models call with one and the same input tensor.
+_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class PackedGroup:
+    """Sibling layers fed the same input, packed as one matrix: a call computes every member's
+    output at once, and each member takes its own slice of it (`output`)."""
+
+    def __init__(self, modules: list[nn.Linear]):
+        self.modules = modules
+        self.sizes = [m.out_features for m in modules]
+        self._pack()
+        self._input: torch.Tensor | None = None
+        self._input_version = 0
+        self._outputs: list[torch.Tensor | None] = []
+
+    def _pack(self) -> None:
+        self._versions = [m.weight._version for m in self.modules]
+        self._packed = _pack(torch.cat([m.weight.detach() for m in self.modules]))
+        biases = [m.bias for m in self.modules]
+        self._bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+
+    def output(self, member: int, x: torch.Tensor) -> torch.Tensor:
+        """Member `member`'s output for `x`: a slice of the group's product, computed once for
+        the members that share `x` (unchanged since, where `x` counts its versions)."""
+        fresh = x is self._input and _version(x) == self._input_version
+        if not fresh or self._outputs[member] is None:
+            self._outputs = self.outputs(x)
+            self._input, self._input_version = x, _version(x)
+        out, self._outputs[member] = self._outputs[member], None
+        if all(o is None for o in self._outputs):
+            self._input = None  # every member took its slice: hold no activations
+        return out
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's output for `x`, from one product (the members' hooks not run)."""
+        if [m.weight._version for m in self.modules] != self._versions:
+            self._pack()  # a weight changed in place since it was packed
+        return list(_packed_linear(x, self._packed, self._bias).split(self.sizes, dim=-1))
+
+
+def _version(t: torch.Tensor) -> int:
+    """`t`'s version counter; 0 for an inference tensor, which keeps none."""
+    return 0 if t.is_inference() else t._version
+
+
+class GroupMemberForward:
+    """The `forward` of one layer of a `PackedGroup`, set on the module itself."""
+
+    def __init__(self, group: PackedGroup, member: int):
+        self.group, self.member = group, member
+        self.module = group.modules[member]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.module.weight
+        if torch.is_grad_enabled() or x.dtype != weight.dtype or x.device != weight.device:
+            return F.linear(x, weight, self.module.bias)
+        return self.group.output(self.member, x)
+
+
 def packing_works() -> bool:
     """Whether this torch build packs bfloat16 weights and computes with them as F.linear does."""
     ops = torch.ops.mkldnn
@@ -70,17 +137,45 @@ def pack_linears(model: nn.Module) -> int:
     linears = [
         m for m in model.modules()
         if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16
-        and m.weight.device.type == "cpu" and not isinstance(m.forward, PackedForward)
+        and m.weight.device.type == "cpu" and not _is_packed(m)
     ]  # fmt: skip
     if not linears or not packing_works():
         return 0
+    grouped = set()
+    for group in _sibling_groups(model, set(linears)):
+        packed = PackedGroup(group)
+        for member, module in enumerate(group):
+            module.forward = GroupMemberForward(packed, member)
+            grouped.add(module)
     for module in linears:
-        module.forward = PackedForward(module)
+        if module not in grouped:
+            module.forward = PackedForward(module)
     return len(linears)
+
+
+def _sibling_groups(model: nn.Module, linears: set[nn.Module]) -> list[list[nn.Linear]]:
+    """Groups of `_GROUPS` found whole under one parent, among `linears`, with one input size
+    and each with a bias or none without."""
+    groups = []
+    for parent in model.modules():
+        for names in _GROUPS:
+            members = [getattr(parent, name, None) for name in names]
+            if not all(m in linears for m in members):
+                continue
+            if (
+                len({m.in_features for m in members}) == 1
+                and len({m.bias is None for m in members}) == 1
+            ):
+                groups.append(members)
+    return groups
 
 
 def unpack_linears(model: nn.Module) -> None:
     """Give every packed layer its own forward back, and free the packed copies."""
     for module in model.modules():
-        if isinstance(module, nn.Linear) and isinstance(module.forward, PackedForward):
+        if isinstance(module, nn.Linear) and _is_packed(module):
             del module.forward
+
+
+def _is_packed(module: nn.Linear) -> bool:
+    return isinstance(module.forward, PackedForward | GroupMemberForward)

@@ -74,7 +74,7 @@ def test_a_packed_engine_serves_the_tokens_of_an_unpacked_one(sessions):
             engine.close()
     plain, packed = ([a.token_ids for a in pair] for pair in answers)
     assert packed == plain and plain[0] != plain[1]
-    assert "packed" not in details[0] and details[1].endswith("linear layers packed for oneDNN")
+    assert "packed" not in details[0] and "linear layers packed for oneDNN" in details[1]
     assert not any(isinstance(m.forward, PackedForward) for m in _linears(lm.model))  # closed
 
 
@@ -97,3 +97,67 @@ def test_the_weights_are_packed_on_the_compute_thread(sessions, monkeypatch):
         assert threads == ["detox-compute"] and "packed" in engine.health().detail
     finally:
         engine.close()
+
+
+def test_q_k_v_and_gate_up_are_packed_as_one_matrix_each():
+    lm = in_bfloat16(tiny_model("llama"))
+    pack_linears(lm.model)
+    layer = lm.model.model.layers[0]
+    attention, mlp = layer.self_attn, layer.mlp
+    assert isinstance(attention.o_proj.forward, PackedForward)
+    assert isinstance(mlp.down_proj.forward, PackedForward)
+    qkv = {m.forward.group for m in (attention.q_proj, attention.k_proj, attention.v_proj)}
+    gate_up = {m.forward.group for m in (mlp.gate_proj, mlp.up_proj)}
+    assert len(qkv) == len(gate_up) == 1 and qkv != gate_up
+
+
+def test_group_members_give_their_own_outputs_whatever_their_inputs():
+    lm = in_bfloat16(tiny_model("llama"))
+    attention = lm.model.model.layers[0].self_attn
+    pack_linears(lm.model)
+    generator = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2, 3, 32, generator=generator).to(torch.bfloat16) for _ in range(2))
+
+    def check(module: nn.Linear, inputs: torch.Tensor) -> None:
+        expected = nn.functional.linear(inputs, module.weight, module.bias)
+        torch.testing.assert_close(module(inputs), expected, rtol=1e-2, atol=1e-2)
+
+    with torch.no_grad():
+        check(attention.q_proj, x)
+        check(attention.k_proj, y)  # another input: computed for it
+        check(attention.v_proj, x)  # the first input again: computed again
+        check(attention.q_proj, y)
+        check(attention.q_proj, y)  # its slice already taken: computed again
+        check(attention.k_proj, x)
+        x.mul_(-1.0)  # changed in place: the group must not hand out the old product
+        check(attention.v_proj, x)
+        attention.v_proj.weight.mul_(2.0)  # a member's weight changed: packed again
+        check(attention.q_proj, y)
+        check(attention.v_proj, y)
+
+
+def test_a_groups_activations_are_dropped_once_every_member_took_its_slice():
+    lm = in_bfloat16(tiny_model("llama"))
+    mlp = lm.model.model.layers[0].mlp
+    pack_linears(lm.model)
+    x = torch.randn(1, 4, 32).to(torch.bfloat16)
+    group = mlp.gate_proj.forward.group
+    with torch.inference_mode():
+        mlp.gate_proj(x)
+        assert group._input is x
+        mlp.up_proj(x)
+    assert group._input is None
+
+
+def test_a_group_members_forward_hook_runs_on_its_own_slice():
+    lm = in_bfloat16(tiny_model("llama"))
+    attention = lm.model.model.layers[0].self_attn
+    pack_linears(lm.model)
+    attention.k_proj.register_forward_hook(lambda _m, _a, out: out + 100.0)
+    x = torch.randn(1, 2, 32).to(torch.bfloat16)
+    with torch.inference_mode():
+        q, k = attention.q_proj(x), attention.k_proj(x)
+    torch.testing.assert_close(q, nn.functional.linear(x, attention.q_proj.weight), atol=1e-2,
+                               rtol=1e-2)  # fmt: skip
+    k_plain = nn.functional.linear(x, attention.k_proj.weight) + 100.0
+    torch.testing.assert_close(k, k_plain, atol=1e-1, rtol=1e-2)
