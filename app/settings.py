@@ -130,6 +130,11 @@ class Settings(BaseSettings):
         description="bfloat16 linear layers on the CPU compute from weights packed once for "
         "oneDNN (faster; the packed copy costs the weights' memory again)",
     )
+    serving_lean_step: bool = Field(
+        True,
+        description="decoding steps of Llama-like models call their layers directly, not the "
+        "model's forward (the same logits, checked at start; less overhead per token)",
+    )
     serving_max_tokens: int = Field(
         512, ge=1, le=32_768, description="cap of max_tokens on the generation endpoints"
     )

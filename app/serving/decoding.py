@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from app.ml.models import LoadedModel
+from app.serving.decode_step import DecodeStep
 from app.serving.sampling import (
     Event,
     Failed,
@@ -67,14 +68,16 @@ class _Row:
             log.debug("dropping an event of a finished consumer", exc_info=True)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Decoder:
-    """What decoding needs beside the requests: the model, its delta hooks, its end tokens."""
+    """What decoding needs beside the requests: the model, its delta hooks, its end tokens, and
+    a lean decoding step where the model has one (`decode_step`; None: the model's forward)."""
 
     lm: LoadedModel
     hooks: BatchDeltaHooks
     stop_ids: set[int]
     pad_id: int
+    step: DecodeStep | None = None
 
     @cached_property
     def last_logits_only(self) -> dict[str, int]:
@@ -174,15 +177,19 @@ class Cohort:
         device = self.decoder.lm.device
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         self.positions = self.positions + 1
+        ids = torch.tensor(self.pending, device=device).unsqueeze(1)
         with self.decoder.hooks.using(self.plan):
-            out = self.decoder.lm.model(
-                input_ids=torch.tensor(self.pending, device=device).unsqueeze(1),
-                attention_mask=self.mask,
-                position_ids=self.positions,
-                past_key_values=self.cache,
-                use_cache=True,
-            )
-        return self.take(out.logits[:, -1, :].float())
+            if self.decoder.step is not None:
+                logits = self.decoder.step(ids, self.mask, self.positions, self.cache)
+            else:
+                logits = self.decoder.lm.model(
+                    input_ids=ids,
+                    attention_mask=self.mask,
+                    position_ids=self.positions,
+                    past_key_values=self.cache,
+                    use_cache=True,
+                ).logits
+        return self.take(logits[:, -1, :].float())
 
     def take(self, logits: torch.Tensor) -> int:
         """Choose each row's next token from `logits` [rows, vocab], send its events, and drop

@@ -31,6 +31,7 @@ from app.ml.memory import release_free_memory
 from app.ml.models import LoadedModel
 from app.serving.batcher import Batcher, ContinuousBatcher
 from app.serving.cache import VersionCache
+from app.serving.decode_step import decode_step
 from app.serving.decoding import Decoder, GenRequest, contiguous_head_input, run_batch
 from app.serving.engine_base import EngineBase, EngineHealth, result_of
 from app.serving.errors import UnknownModelError
@@ -68,6 +69,7 @@ class Engine(EngineBase):
         prefill_tokens: int = 128,
         dtype_reason: str = "",
         packed: bool = True,
+        lean_step: bool = True,
         **common: Any,
     ):
         self.cache = VersionCache(cache_size)
@@ -90,6 +92,8 @@ class Engine(EngineBase):
             )  # fmt: skip
         # Packing runs torch: on the compute thread, whose OpenMP team is the only one (batcher).
         self._packed = self._batcher.call(lambda: pack_linears(lm.model)) if packed else 0
+        if lean_step:
+            self._decoder.step = self._batcher.call(lambda: decode_step(lm.model))
         super().__init__(lm, source, **common)  # see EngineBase for the common settings
         self.refresh()
 
@@ -193,7 +197,9 @@ class Engine(EngineBase):
         dtype = str(self.lm.dtype).removeprefix("torch.")
         why = f" ({self._dtype_reason})" if self._dtype_reason else ""
         packed = ", linear layers packed for oneDNN" if self._packed else ""
-        detail = f"decoding in this process: {self.batching} batching, {dtype} weights{why}{packed}"
+        lean = ", lean decoding steps" if self._decoder.step is not None else ""
+        how = f"{self.batching} batching, {dtype} weights{why}{packed}{lean}"
+        detail = f"decoding in this process: {how}"
         return EngineHealth(self.kind, True, detail)
 
     def close(self) -> None:

@@ -76,6 +76,7 @@ def build_engine(
         prefill_tokens=settings.serving_prefill_tokens,
         dtype_reason=dtype_reason,
         packed=settings.serving_packed,
+        lean_step=settings.serving_lean_step,
         **common,
     )
 

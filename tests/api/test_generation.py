@@ -210,5 +210,6 @@ def test_readyz_says_how_the_engine_decodes_before_and_after_it_loads(client):
     complete(client, model="base", prompt="hi", max_tokens=2)
     after = client.get("/readyz").json()["checks"]["engine"]["detail"]
     assert after == (
-        "builtin: decoding in this process: continuous batching, float32 weights (the model given)"
+        "builtin: decoding in this process: continuous batching, float32 weights (the model "
+        "given), lean decoding steps"
     )
