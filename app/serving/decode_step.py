@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ class LlamaLikeStep:
     def __init__(self, model: nn.Module):
         self.inner = model.model
         self.head = model.get_output_embeddings()
-        self.layers = list(self.inner.layers)
+        self.layers = [_Layer.of(layer) for layer in self.inner.layers]
 
     @torch.inference_mode()
     def __call__(
@@ -62,24 +63,45 @@ class LlamaLikeStep:
         attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]
         rows = ids.shape[0]
         for index, layer in enumerate(self.layers):
-            attention = layer.self_attn
             residual = hidden
-            hidden = layer.input_layernorm(hidden)
-            heads = (rows, 1, -1, attention.head_dim)
-            qkv = (attention.q_proj, attention.k_proj, attention.v_proj)
-            query, key, value = (p.view(heads).transpose(1, 2) for p in _project(qkv, hidden))
+            hidden = layer.input_norm(hidden)
+            heads = (rows, 1, -1, layer.head_dim)
+            query, key, value = (p.view(heads).transpose(1, 2) for p in _project(layer.qkv, hidden))
             # The queries' and keys' rotation in one go: the same elementwise operations.
             turned = _rotate(torch.cat([query, key], dim=1), cos, sin)
             query, key = turned.split([query.shape[1], key.shape[1]], dim=1)
             key, value = cache.update(key, value, index)
-            out = _attend(query, key, value, attend, attention.scaling)
-            hidden = residual + attention.o_proj(out.reshape(rows, 1, -1))
+            out = _attend(query, key, value, attend, layer.scaling)
+            hidden = residual + layer.o_proj(out.reshape(rows, 1, -1))
             residual = hidden
-            hidden = layer.post_attention_layernorm(hidden)
-            mlp = layer.mlp
-            gate, up = _project((mlp.gate_proj, mlp.up_proj), hidden)
-            hidden = residual + mlp.down_proj(mlp.act_fn(gate) * up)
+            gate, up = _project(layer.gate_up, layer.post_norm(hidden))
+            hidden = residual + layer.down_proj(layer.act(gate) * up)
         return self.head(self.inner.norm(hidden))
+
+
+class _Layer(NamedTuple):
+    """A decoder layer's parts, looked up once (`nn.Module` attribute lookups cost on every
+    step)."""
+
+    input_norm: nn.Module
+    qkv: tuple[nn.Module, nn.Module, nn.Module]
+    o_proj: nn.Module
+    head_dim: int
+    scaling: float
+    post_norm: nn.Module
+    gate_up: tuple[nn.Module, nn.Module]
+    act: nn.Module
+    down_proj: nn.Module
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> _Layer:
+        attention, mlp = layer.self_attn, layer.mlp
+        return cls(
+            layer.input_layernorm, (attention.q_proj, attention.k_proj, attention.v_proj),
+            attention.o_proj, attention.head_dim, attention.scaling,
+            layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj), mlp.act_fn,
+            mlp.down_proj,
+        )  # fmt: skip
 
 
 def _attend(
