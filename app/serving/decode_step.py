@@ -2,14 +2,17 @@
 transformers forward's per-call machinery.
 
 Why: a decoding step of the demo model on this 2-core CPU spent about 13 of its 30 ms outside its
-matrix products, much of it in what `model(...)` does on every call (output recording, argument
-merging, building a 4-D mask, picking an attention function, wrapping outputs), none of which a
-step of one token needs. `LlamaLikeStep` calls the same modules in the same order, and the delta
-hooks still run, as they sit on the linear modules. Two things differ, neither in the arithmetic:
-grouped projections (q/k/v, gate/up; see `packed`) run as one product, and attention always takes
-the layout transformers itself takes for one token in a padded batch (`_attend` says why). The
-logits are the model's own for a padded batch, and, in bfloat16, within rounding of them without
-padding.
+matrix products (torch.profiler), much of it in what `model(...)` does on every call (output
+recording, argument merging, building a 4-D mask, picking an attention function, wrapping
+outputs), none of which a step of one token needs. With packed weights, one row decodes at 44.9
+tokens/s this way against 36.5 through the forward (`bench/decode_step.py` (b)).
+
+`LlamaLikeStep` calls the model's own modules in the model's order, so the versions' delta hooks
+still run (they sit on the linear modules). Two things differ. Grouped projections (q/k/v,
+gate/up; see `packed`) run as one product, which gives the same numbers. Attention always takes
+the layout transformers itself takes for one token in a padded batch (`_attend` says why), which
+in bfloat16 rounds differently from transformers' layout without padding: the logits are the
+model's own for a padded batch, and within rounding of them without padding.
 
 It serves decoder stacks shaped like Llama's (Llama, Mistral and Qwen2 without sliding windows)
 with plain SDPA attention; `decode_step` says None for anything else, and the cohort then calls the
@@ -114,9 +117,9 @@ def _attend(
     """One new token's attention, [rows, 1, heads, dim], with its query heads grouped by the
     key/value head they share ([rows, kv heads, group, dim]): transformers' own layout for one
     token in a padded batch. Why for every batch: on the CPU, SDPA's `enable_gqa` (what
-    transformers uses without padding) took 3-4x as long for one query: 66 against 18 µs a layer
-    with 100 cached tokens on the demo model. In bfloat16 the two layouts round differently, and
-    neither is closer to float32 (README, "Batching and precision")."""
+    transformers uses without padding) took 3x as long for one query: 56.9 against 19.0 µs a
+    layer with 100 cached tokens on the demo model (`bench/decode_step.py` (c)). In bfloat16 the
+    two layouts round differently, and neither is closer to float32 (the same bench, (d))."""
     rows, heads, _, dim = query.shape
     grouped = query.reshape(rows, key.shape[1], -1, dim)
     out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attend, scale=scaling)
