@@ -93,43 +93,41 @@ def main() -> None:
         write_lowrank_version(sessions, lm, f"v{index}", seed=index)
         return f"v{index}"
 
+    common = {
+        "SERVING_MAX_BATCH_SIZE": str(args.clients),
+        "SERVING_MAX_TOKENS": str(args.tokens),
+        "RATE_LIMIT_PER_MINUTE": "0",
+        "SERVING_POLL_S": "1",
+    }
+
+    def measured(engine: str, settings: dict[str, str]) -> dict[str, float]:
+        port = free_port()
+        env = server_env(tmp / engine, url, args.model, "cpu", **common, **settings)
+        proc = start_server(env, port)
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=600, headers=bench_headers()
+        )
+        try:
+            return measure(client, args, new_version)
+        finally:
+            client.close()
+            proc.terminate()
+            proc.wait(30)
+
+    # The built-in engine first, before vLLM starts: an idle vLLM server still takes CPU.
+    rows = {"builtin": measured("builtin", {"ENGINE": "builtin"})}
     vllm_url = f"http://127.0.0.1:{free_port()}"
     log = tmp / "vllm.log"
     print(f"starting vLLM at {vllm_url} (log {log})", file=sys.stderr)
     served = str(demo_model_dir()) if args.model == "demo" else args.model
     vllm = start_vllm(VLLM_PYTHON, served, vllm_url, max_lora_rank=16, log_path=log,
                       max_model_len=2048)  # fmt: skip
-    rows = {}
     try:
         wait_until_healthy(vllm_url, vllm, timeout_s=900, log_path=log)
-        common = {
-            "SERVING_MAX_BATCH_SIZE": str(args.clients),
-            "SERVING_MAX_TOKENS": str(args.tokens),
-            "RATE_LIMIT_PER_MINUTE": "0",
-            "SERVING_POLL_S": "1",
-        }
-        engines = {
-            "builtin": {"ENGINE": "builtin"},
-            "vllm": {
-                "ENGINE": "vllm",
-                "VLLM_URL": vllm_url,
-                "VLLM_MAX_LORA_RANK": "16",
-                "VLLM_ADAPTER_DIR": str(tmp / "adapters"),
-            },
-        }
-        for engine, settings in engines.items():
-            port = free_port()
-            env = server_env(tmp / engine, url, args.model, "cpu", **common, **settings)
-            proc = start_server(env, port)
-            client = httpx.Client(
-                base_url=f"http://127.0.0.1:{port}", timeout=600, headers=bench_headers()
-            )
-            try:
-                rows[engine] = measure(client, args, new_version)
-            finally:
-                client.close()
-                proc.terminate()
-                proc.wait(30)
+        rows["vllm"] = measured("vllm", {
+            "ENGINE": "vllm", "VLLM_URL": vllm_url, "VLLM_MAX_LORA_RANK": "16",
+            "VLLM_ADAPTER_DIR": str(tmp / "adapters"),
+        })  # fmt: skip
     finally:
         vllm.terminate()
         vllm.wait(60)

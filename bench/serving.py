@@ -219,40 +219,23 @@ def engine_table(args, tmp: Path, url: str, sessions, lm) -> None:
         "RATE_LIMIT_PER_MINUTE": "0",
     }
     configs = {k: v for k, v in CONFIGS.items() if not args.configs or k in args.configs}
-    vllm = None
-    if VLLM_PYTHON.is_file() and args.device in ("auto", "cpu") and not args.configs:
+    with_vllm = VLLM_PYTHON.is_file() and args.device in ("auto", "cpu") and not args.configs
+    rows = {label: measure_server(args, tmp, url, label, {**common, **settings})
+            for label, settings in configs.items()}  # fmt: skip
+    if with_vllm:  # started only now: idle, it still takes CPU from the other configurations
         vllm_url = f"http://127.0.0.1:{free_port()}"
         served = str(demo_model_dir()) if args.model == "demo" else args.model
         print(f"starting vLLM at {vllm_url}", file=sys.stderr)
         vllm = start_vllm(VLLM_PYTHON, served, vllm_url, max_lora_rank=16,
                           log_path=tmp / "vllm.log", max_model_len=2048)  # fmt: skip
-        wait_until_healthy(vllm_url, vllm, timeout_s=900, log_path=tmp / "vllm.log")
-        configs["vLLM-CPU (through detox)"] = {
-            "ENGINE": "vllm", "VLLM_URL": vllm_url, "VLLM_MAX_LORA_RANK": "16",
-            "VLLM_ADAPTER_DIR": str(tmp / "adapters"),
-        }  # fmt: skip
-    rows = {}
-    try:
-        for label, settings in configs.items():
-            print(f"(e) {label}", file=sys.stderr)
-            env = server_env(tmp / "e", url, args.model, args.device, **common, **settings)
-            port = free_port()
-            log = tmp / f"api {label}.log"
-            proc = start_server(env, port, log)
-            client = httpx.Client(
-                base_url=f"http://127.0.0.1:{port}", timeout=600, headers=bench_headers(),
-                limits=httpx.Limits(keepalive_expiry=2),  # the server closes idle ones at 5 s
-            )  # fmt: skip
-            try:
-                rows[label] = measure_config(client, args)
-            except httpx.HTTPError as exc:
-                raise SystemExit(f"{label}: {exc!r}; the server's log: {log}") from exc
-            finally:
-                client.close()
-                proc.terminate()
-                proc.wait(30)
-    finally:
-        if vllm is not None:
+        try:
+            wait_until_healthy(vllm_url, vllm, timeout_s=900, log_path=tmp / "vllm.log")
+            label = "vLLM-CPU (through detox)"
+            rows[label] = measure_server(args, tmp, url, label, {
+                **common, "ENGINE": "vllm", "VLLM_URL": vllm_url, "VLLM_MAX_LORA_RANK": "16",
+                "VLLM_ADAPTER_DIR": str(tmp / "adapters"),
+            })  # fmt: skip
+        finally:
             vllm.terminate()
             vllm.wait(60)
     print(f"\n(e) engine configurations: {args.model}, {args.tokens} new tokens per request "
@@ -269,6 +252,27 @@ def engine_table(args, tmp: Path, url: str, sessions, lm) -> None:
               f"{r['idle'][0]:.0f} / {r['idle'][1]:.0f} | "
               f"{r['loaded'][0]:.0f} / {r['loaded'][1]:.0f} | "
               f"{r['loaded'][1] / r['idle'][1]:.1f}x |")  # fmt: skip
+
+
+def measure_server(args, tmp: Path, url: str, label: str, settings: dict[str, str]) -> dict:
+    """(e) for one configuration: its own `detox api`, measured, then stopped."""
+    print(f"(e) {label}", file=sys.stderr)
+    env = server_env(tmp / "e", url, args.model, args.device, **settings)
+    port = free_port()
+    log = tmp / f"api {label}.log"
+    proc = start_server(env, port, log)
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", timeout=600, headers=bench_headers(),
+        limits=httpx.Limits(keepalive_expiry=2),  # the server closes idle ones at 5 s
+    )  # fmt: skip
+    try:
+        return measure_config(client, args)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"{label}: {exc!r}; the server's log: {log}") from exc
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(30)
 
 
 def measure_config(client: httpx.Client, args) -> dict:
