@@ -133,7 +133,8 @@ class Settings(BaseSettings):
     serving_lean_step: bool = Field(
         True,
         description="decoding steps of Llama-like models call their layers directly, not the "
-        "model's forward (the same logits, checked at start; less overhead per token)",
+        "model's forward: less overhead per token; the model's logits as in a padded batch "
+        "(checked by a probe at start), in bfloat16 within rounding of them without padding",
     )
     serving_max_tokens: int = Field(
         512, ge=1, le=32_768, description="cap of max_tokens on the generation endpoints"
