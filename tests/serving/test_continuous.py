@@ -76,14 +76,17 @@ def test_requests_joining_a_running_batch_give_their_tokens_alone(family, sessio
         ("v1", encode("Tell me a long story about it."), greedy(30, logprobs=2)),
     ]
     try:
+        # Loaded first: a version loaded while the long request decodes blocks this event loop,
+        # and with a fast enough step the long request could end before any joiner is sent.
+        targets = {model: engine.target(model) for model in ("base", "v1", "v2")}
 
         async def scenario():
             order: list[str] = []
-            stream = engine.stream(long_job[1], engine.target("base"), long_job[2])
+            stream = engine.stream(long_job[1], targets["base"], long_job[2])
             await anext(stream)  # the long request is decoding: the others join it
 
             async def one(i, job):
-                result = await engine.complete(job[1], engine.target(job[0]), job[2])
+                result = await engine.complete(job[1], targets[job[0]], job[2])
                 order.append(f"joiner {i}")
                 return result
 
