@@ -145,6 +145,16 @@ def _project(modules: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tens
     return [m(x) for m in modules]
 
 
+def model_step(model: nn.Module) -> DecodeStep:
+    """The step through the model's own forward: what the cohort runs without a lean one."""
+
+    def step(ids, mask, positions, cache):
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                     past_key_values=cache, use_cache=True).logits  # fmt: skip
+
+    return step
+
+
 def decode_step(model: nn.Module) -> DecodeStep | None:
     """A lean step for `model` when it has a Llama-like shape and the probe agrees, else None."""
     why = _unsupported(model)
@@ -186,19 +196,15 @@ def _disagreement(model: nn.Module, step: LlamaLikeStep) -> str | None:
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     new, new_positions = ids[:, -1:].flip(0), positions[:, -1:] + 1
     new_mask = torch.cat([mask, mask.new_ones((2, 1))], dim=1)
-    logits = []
-    for forward in (model, step):
-        with torch.inference_mode():
-            cache = DynamicCache()
-            model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                  past_key_values=cache, use_cache=True)  # fmt: skip
-            if forward is model:
-                out = model(input_ids=new, attention_mask=new_mask, position_ids=new_positions,
-                            past_key_values=cache, use_cache=True).logits  # fmt: skip
-            else:
-                out = step(new, new_mask, new_positions, cache)
-        logits.append(out.float())
-    expected, got = logits
+
+    def prefilled() -> DynamicCache:
+        cache = DynamicCache()
+        model_step(model)(ids, mask, positions, cache)
+        return cache
+
+    with torch.inference_mode():
+        expected = model_step(model)(new, new_mask, new_positions, prefilled()).float()
+        got = step(new, new_mask, new_positions, prefilled()).float()
     if expected.shape != got.shape:
         return f"a probe step gave logits of shape {tuple(got.shape)}, not {tuple(expected.shape)}"
     if not torch.allclose(expected, got, rtol=1e-3, atol=1e-3):

@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from app.ml.models import LoadedModel
-from app.serving.decode_step import DecodeStep
+from app.serving.decode_step import DecodeStep, model_step
 from app.serving.sampling import (
     Event,
     Failed,
@@ -178,17 +178,9 @@ class Cohort:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         self.positions = self.positions + 1
         ids = torch.tensor(self.pending, device=device).unsqueeze(1)
+        step = self.decoder.step or model_step(self.decoder.lm.model)
         with self.decoder.hooks.using(self.plan):
-            if self.decoder.step is not None:
-                logits = self.decoder.step(ids, self.mask, self.positions, self.cache)
-            else:
-                logits = self.decoder.lm.model(
-                    input_ids=ids,
-                    attention_mask=self.mask,
-                    position_ids=self.positions,
-                    past_key_values=self.cache,
-                    use_cache=True,
-                ).logits
+            logits = step(ids, self.mask, self.positions, self.cache)
         return self.take(logits[:, -1, :].float())
 
     def take(self, logits: torch.Tensor) -> int:

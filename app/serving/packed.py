@@ -38,6 +38,12 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def _runs_plain(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a packed layer computes `x` from its plain weight: with gradients on (the packed
+    copy has none), or for an input of another dtype or device than the weight's."""
+    return torch.is_grad_enabled() or x.dtype != weight.dtype or x.device != weight.device
+
+
 class PackedForward:
     """A `forward` for one nn.Linear, set on the module itself (its hooks still run)."""
 
@@ -48,7 +54,7 @@ class PackedForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.module.weight, self.module.bias
-        if torch.is_grad_enabled() or x.dtype != weight.dtype or x.device != weight.device:
+        if _runs_plain(x, weight):
             return F.linear(x, weight, bias)
         if weight._version != self._version:  # changed in place since it was packed
             self._packed, self._version = _pack(weight), weight._version
@@ -109,9 +115,8 @@ class GroupMemberForward:
         self.module = group.modules[member]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.module.weight
-        if torch.is_grad_enabled() or x.dtype != weight.dtype or x.device != weight.device:
-            return F.linear(x, weight, self.module.bias)
+        if _runs_plain(x, self.module.weight):
+            return F.linear(x, self.module.weight, self.module.bias)
         return self.group.output(self.member, x)
 
 
