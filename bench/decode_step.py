@@ -32,9 +32,15 @@ from transformers import DynamicCache
 
 from app.ml.generation import _pad_id
 from app.ml.models import LoadedModel, load_model
-from app.serving.decode_step import decode_step
+from app.serving.decode_step import decode_step, model_step
 from app.serving.decoding import Decoder, GenRequest, Prefill
-from app.serving.packed import _pack, _packed_linear, pack_linears, unpack_linears
+from app.serving.packed import (
+    GroupMemberForward,
+    _pack,
+    _packed_linear,
+    pack_linears,
+    unpack_linears,
+)
 from app.serving.sampling import SamplingParams
 from app.serving.weights import BatchDeltaHooks
 
@@ -65,16 +71,12 @@ def _best_of(repeat: int, runs: dict) -> dict[str, float]:
 
 def products(lm: LoadedModel, repeat: int) -> None:
     """(a): the projections and the head as a step meets them, one row, no other work."""
-    separate, together = [], []
-    for layer in lm.model.model.layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        qkv = [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]
-        gate_up = [mlp.gate_proj.weight, mlp.up_proj.weight]
-        separate += [*qkv, attention.o_proj.weight, *gate_up, mlp.down_proj.weight]
-        together += [torch.cat(qkv), attention.o_proj.weight, torch.cat(gate_up),
-                     mlp.down_proj.weight]  # fmt: skip
-    head = lm.model.get_output_embeddings().weight
-    separate, together = ([_pack(w) for w in (*ws, head)] for ws in (separate, together))
+    linears = [m for m in lm.model.modules() if isinstance(m, nn.Linear)]
+    separate = [_pack(m.weight) for m in linears]
+    pack_linears(lm.model)  # as the engine packs them: q/k/v and gate/up grouped
+    forwards = [m.forward for m in linears]
+    packs = (f.group._packed if isinstance(f, GroupMemberForward) else f._packed for f in forwards)
+    together = list({id(p): p for p in packs}.values())  # a group's matrix once, in step order
 
     def timed(packs: list[torch.Tensor]):
         inputs = {p.shape: torch.randn(1, 1, p.shape[1], dtype=torch.bfloat16) for p in packs}
@@ -186,14 +188,11 @@ def layouts(model: str, lm: LoadedModel, prompts: int) -> None:
             greedy = reference.model.generate(ids, max_new_tokens=48, do_sample=False,
                                               pad_token_id=_pad_id(lm))  # fmt: skip
         tokens = greedy[0, ids.shape[1] :].tolist()
-        expected = _forced(lambda t, m, p, c: reference.model(
-            input_ids=t, attention_mask=m, position_ids=p, past_key_values=c).logits,
-            reference.model, ids, tokens)  # fmt: skip
+        expected = _forced(model_step(reference.model), reference.model, ids, tokens)
         for name, forward in (
-            ("model forward (enable_gqa)", lambda t, m, p, c: lm.model(
-                input_ids=t, attention_mask=m, position_ids=p, past_key_values=c).logits),
+            ("model forward (enable_gqa)", model_step(lm.model)),
             ("lean step (grouped)", step),
-        ):  # fmt: skip
+        ):
             got = _forced(forward, lm.model, ids, tokens)
             errors[name].append(float((got - expected).abs().mean()))
             agree[name].append(float((got.argmax(-1) == expected.argmax(-1)).float().mean()))

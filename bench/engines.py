@@ -17,30 +17,26 @@ each engine, best of `--repeat`:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 from harness import (
-    ROOT,
+    VLLM_PYTHON,
     bench_headers,
     free_port,
     server_env,
     start_server,
     stream_chat,
     together,
+    vllm_settings,
     write_lowrank_version,
 )
 
-from app.ml.demo import demo_model_dir
 from app.ml.models import load_model
-from app.serving.vllm_process import start_vllm, wait_until_healthy
 from app.store import migrate
 from app.store.db import make_engine, make_sessionmaker
-
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 
 def measure(client: httpx.Client, args, new_version) -> dict[str, float]:
@@ -116,21 +112,8 @@ def main() -> None:
 
     # The built-in engine first, before vLLM starts: an idle vLLM server still takes CPU.
     rows = {"builtin": measured("builtin", {"ENGINE": "builtin"})}
-    vllm_url = f"http://127.0.0.1:{free_port()}"
-    log = tmp / "vllm.log"
-    print(f"starting vLLM at {vllm_url} (log {log})", file=sys.stderr)
-    served = str(demo_model_dir()) if args.model == "demo" else args.model
-    vllm = start_vllm(VLLM_PYTHON, served, vllm_url, max_lora_rank=16, log_path=log,
-                      max_model_len=2048)  # fmt: skip
-    try:
-        wait_until_healthy(vllm_url, vllm, timeout_s=900, log_path=log)
-        rows["vllm"] = measured("vllm", {
-            "ENGINE": "vllm", "VLLM_URL": vllm_url, "VLLM_MAX_LORA_RANK": "16",
-            "VLLM_ADAPTER_DIR": str(tmp / "adapters"),
-        })  # fmt: skip
-    finally:
-        vllm.terminate()
-        vllm.wait(60)
+    with vllm_settings(args.model, tmp) as settings:
+        rows["vllm"] = measured("vllm", settings)
     print(f"\nengines: {args.model} on the CPU, {args.tokens} new tokens per request, greedy, "
           f"best of {args.repeat}")  # fmt: skip
     print("| engine | 1 stream tok/s | 8 concurrent base tok/s | 8 mixed tok/s | mixed / base | "

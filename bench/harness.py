@@ -18,7 +18,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from app.ml.bias import BiasPair
 
 ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 BENCH_KEY = "dtx_" + secrets.token_urlsafe(32)  # this run's bootstrap admin key
 XSTEST_DEV = ROOT / "tests" / "data" / "xstest" / "xstest_dev.csv"
 WORD = re.compile(r"\S+")
@@ -175,6 +178,27 @@ def start_server(env: dict[str, str], port: int, log: Path | None = None) -> sub
         time.sleep(0.2)
     proc.terminate()
     raise SystemExit("detox api did not come up in 120 s")
+
+
+@contextmanager
+def vllm_settings(model: str, tmp: Path) -> Iterator[dict[str, str]]:
+    """A vLLM server from `.venv-vllm` serving `model` ("demo" or a path), up until the block
+    ends; yields the DETOX_ settings of a `detox api` that serves through it."""
+    from app.ml.demo import demo_model_dir
+    from app.serving.vllm_process import start_vllm, wait_until_healthy
+
+    url, log = f"http://127.0.0.1:{free_port()}", tmp / "vllm.log"
+    print(f"starting vLLM at {url} (log {log})", file=sys.stderr)
+    served = str(demo_model_dir()) if model == "demo" else model
+    vllm = start_vllm(VLLM_PYTHON, served, url, max_lora_rank=16, log_path=log,
+                      max_model_len=2048)  # fmt: skip
+    try:
+        wait_until_healthy(url, vllm, timeout_s=900, log_path=log)
+        yield {"ENGINE": "vllm", "VLLM_URL": url, "VLLM_MAX_LORA_RANK": "16",
+               "VLLM_ADAPTER_DIR": str(tmp / "adapters")}  # fmt: skip
+    finally:
+        vllm.terminate()
+        vllm.wait(60)
 
 
 def differing_spans(sentence: str, partner: str) -> tuple[tuple[int, int], ...]:

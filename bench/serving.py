@@ -38,24 +38,21 @@ import psutil
 import torch
 from harness import (
     PROMPT,
-    ROOT,
+    VLLM_PYTHON,
     bench_headers,
     free_port,
     server_env,
     start_server,
     stream_chat,
     together,
+    vllm_settings,
     write_lowrank_version,
     write_versions,
 )
 
-from app.ml.demo import demo_model_dir
 from app.ml.models import load_model
-from app.serving.vllm_process import start_vllm, wait_until_healthy
 from app.store import migrate
 from app.store.db import make_engine, make_sessionmaker
-
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 
 def _raw_generate(lm, tokens: int) -> tuple[float, int]:
@@ -223,21 +220,9 @@ def engine_table(args, tmp: Path, url: str, sessions, lm) -> None:
     rows = {label: measure_server(args, tmp, url, label, {**common, **settings})
             for label, settings in configs.items()}  # fmt: skip
     if with_vllm:  # started only now: idle, it still takes CPU from the other configurations
-        vllm_url = f"http://127.0.0.1:{free_port()}"
-        served = str(demo_model_dir()) if args.model == "demo" else args.model
-        print(f"starting vLLM at {vllm_url}", file=sys.stderr)
-        vllm = start_vllm(VLLM_PYTHON, served, vllm_url, max_lora_rank=16,
-                          log_path=tmp / "vllm.log", max_model_len=2048)  # fmt: skip
-        try:
-            wait_until_healthy(vllm_url, vllm, timeout_s=900, log_path=tmp / "vllm.log")
+        with vllm_settings(args.model, tmp) as settings:
             label = "vLLM-CPU (through detox)"
-            rows[label] = measure_server(args, tmp, url, label, {
-                **common, "ENGINE": "vllm", "VLLM_URL": vllm_url, "VLLM_MAX_LORA_RANK": "16",
-                "VLLM_ADAPTER_DIR": str(tmp / "adapters"),
-            })  # fmt: skip
-        finally:
-            vllm.terminate()
-            vllm.wait(60)
+            rows[label] = measure_server(args, tmp, url, label, {**common, **settings})
     print(f"\n(e) engine configurations: {args.model}, {args.tokens} new tokens per request "
           f"(long: {args.long_tokens}, short: {args.short_tokens}), greedy, best of "
           f"{args.repeat}")  # fmt: skip
