@@ -97,9 +97,13 @@ class PackedGroup:
 
     def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every member's output for `x`, from one product (the members' hooks not run)."""
+        return list(self.product(x).split(self.sizes, dim=-1))
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' outputs for `x` side by side in the last dimension (hooks not run)."""
         if [m.weight._version for m in self.modules] != self._versions:
             self._pack()  # a weight changed in place since it was packed
-        return list(_packed_linear(x, self._packed, self._bias).split(self.sizes, dim=-1))
+        return _packed_linear(x, self._packed, self._bias)
 
 
 def _version(t: torch.Tensor) -> int:

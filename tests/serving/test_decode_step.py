@@ -97,6 +97,26 @@ def test_lean_steps_run_each_rows_version_deltas():
     assert not torch.allclose(got[1:], base[1:], atol=1e-3)
 
 
+def test_hooks_on_a_layers_parts_run_in_lean_steps():
+    """The lean step skips nn.Module's call machinery only where no hook would run: hooks on a
+    norm, a projection, the activation or the q/k/v of a packed group still change its logits
+    as they change the forward's."""
+    lm = in_bfloat16(tiny_model("llama"))
+    pack_linears(lm.model)
+    layer = lm.model.model.layers[1]
+    parts = [layer.post_attention_layernorm, layer.self_attn.o_proj, layer.mlp.act_fn,
+             layer.self_attn.k_proj, lm.model.model.norm]  # fmt: skip
+    plain = decode_step(lm.model)
+    base, _ = _steps_both_ways(lm, plain)
+    for part in parts:
+        part.register_forward_hook(lambda _m, _a, out: out * 1.5)
+    step = decode_step(lm.model)
+    assert isinstance(step, LlamaLikeStep)
+    expected, got = _steps_both_ways(lm, step)
+    assert torch.equal(got, expected)
+    assert not torch.allclose(got, base, atol=1e-2)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt", "gemma2", "phi3"])
 def test_other_shapes_decode_through_the_models_forward(family, caplog):
     with caplog.at_level(logging.INFO, logger="app.serving.decode_step"):
