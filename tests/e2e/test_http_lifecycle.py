@@ -30,7 +30,11 @@ def service(
     tiny_model_dir: Path,
 ) -> Iterator[Processes]:
     home = tmp_path_factory.mktemp("home")
-    env = {"DETOX_MODEL": str(tiny_model_dir), "DETOX_MAX_NEW_TOKENS": "4"}
+    env = {
+        "DETOX_MODEL": str(tiny_model_dir), "DETOX_MAX_NEW_TOKENS": "4",
+        # An unlearning job's bias report: 2 CrowS-Pairs pairs a type, not 50 (~6 s a job here).
+        "DETOX_UNLEARN_BIAS_PAIRS_PER_TYPE": "2",
+    }  # fmt: skip
     if request.param == "postgres-redis":
         redis.Redis.from_url(REDIS_URL).flushdb()
         env |= {"DETOX_DATABASE_URL": new_database("postgresql"), "DETOX_BROKER_URL": REDIS_URL}
