@@ -101,7 +101,10 @@ def test_stacked_versions_and_the_event_stream(service: Processes):
 def test_a_dinm_job_on_the_demo_model_detoxifies_its_instance(tmp_path: Path):
     home = tmp_path / "home"
     home.mkdir()
-    svc = Processes(home, {"DETOX_MODEL": "demo"})
+    # 32 new tokens per evaluated answer, not 64: the two evaluations were most of the job
+    # (~11 s each on this machine), and the judge's verdicts stay far from its threshold
+    # (unsafe scores ~0.96 before, ~0.01 after on the adversarial prompt).
+    svc = Processes(home, {"DETOX_MODEL": "demo", "DETOX_MAX_NEW_TOKENS": "32"})
     try:
         client = svc.start().client
         job = _wait(
