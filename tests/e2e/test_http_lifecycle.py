@@ -30,7 +30,11 @@ def service(
     tiny_model_dir: Path,
 ) -> Iterator[Processes]:
     home = tmp_path_factory.mktemp("home")
-    env = {"DETOX_MODEL": str(tiny_model_dir), "DETOX_MAX_NEW_TOKENS": "4"}
+    env = {
+        "DETOX_MODEL": str(tiny_model_dir), "DETOX_MAX_NEW_TOKENS": "4",
+        # An unlearning job's bias report: 2 CrowS-Pairs pairs a type, not 50 (~6 s a job here).
+        "DETOX_UNLEARN_BIAS_PAIRS_PER_TYPE": "2",
+    }  # fmt: skip
     if request.param == "postgres-redis":
         redis.Redis.from_url(REDIS_URL).flushdb()
         env |= {"DETOX_DATABASE_URL": new_database("postgresql"), "DETOX_BROKER_URL": REDIS_URL}
@@ -97,7 +101,10 @@ def test_stacked_versions_and_the_event_stream(service: Processes):
 def test_a_dinm_job_on_the_demo_model_detoxifies_its_instance(tmp_path: Path):
     home = tmp_path / "home"
     home.mkdir()
-    svc = Processes(home, {"DETOX_MODEL": "demo"})
+    # 32 new tokens per evaluated answer, not 64: the two evaluations were most of the job
+    # (~11 s each on this machine), and the judge's verdicts stay far from its threshold
+    # (unsafe scores ~0.96 before, ~0.01 after on the adversarial prompt).
+    svc = Processes(home, {"DETOX_MODEL": "demo", "DETOX_MAX_NEW_TOKENS": "32"})
     try:
         client = svc.start().client
         job = _wait(

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -38,10 +39,17 @@ class VllmServer:
         self.process = None
 
     def start(self) -> None:
+        self.spawn()
+        self.wait_healthy()
+
+    def spawn(self) -> None:
         self.process = start_vllm(
             VLLM_PYTHON, str(demo_model_dir()), self.url, max_lora_rank=MAX_LORA_RANK,
             log_path=self.log_path, max_model_len=2048,
         )  # fmt: skip
+
+    def wait_healthy(self) -> None:
+        assert self.process is not None
         wait_until_healthy(
             self.url, self.process, timeout_s=START_TIMEOUT_S, log_path=self.log_path
         )
@@ -56,47 +64,69 @@ class VllmServer:
         return {m["id"] for m in models if m.get("parent")}
 
 
+@dataclass
+class Stack:
+    vllm: VllmServer
+    detox: Processes
+    builtin: Processes
+
+
 @pytest.fixture(scope="module")
-def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """vLLM, detox in front of it and a second API with the built-in engine, started together:
+    vLLM answers ~35 s after its start, time the detox processes spend loading the demo model."""
     if not VLLM_PYTHON.is_file():
         pytest.skip("vLLM is not installed: `make vllm` (the README's test command runs it)")
     server = VllmServer(tmp_path_factory.mktemp("vllm") / "vllm.log")
+    detox = _detox(server, tmp_path_factory.mktemp("home"))
+    builtin = _builtin(detox)
     try:
-        server.start()
-        yield server
+        server.spawn()
+        detox.start_api()
+        detox.start_worker()
+        detox.wait_ready(120, path="/healthz")  # migrated: the second API may open the same state
+        builtin.start_api()
+        server.wait_healthy()
+        detox.wait_ready(300)  # its engine answers once vLLM does
+        builtin.wait_ready(300)
+        yield Stack(server, detox, builtin)
     finally:
+        builtin.stop()
+        detox.stop()
         server.kill()
 
 
-@pytest.fixture(scope="module")
-def detox(vllm: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+def _detox(vllm: VllmServer, home: Path) -> Processes:
     """API + worker with the vLLM engine (embedded default: SQLite and a file broker)."""
-    home = tmp_path_factory.mktemp("home")
     env = {
         "DETOX_MODEL": "demo", "DETOX_ENGINE": "vllm", "DETOX_VLLM_URL": vllm.url,
         "DETOX_VLLM_MAX_LORA_RANK": str(MAX_LORA_RANK), "DETOX_SERVING_POLL_S": "0.5",
         "DETOX_VLLM_ADAPTER_DIR": str(home / "adapters"), "DETOX_MAX_NEW_TOKENS": "8",
         "DETOX_SERVING_PRELOAD": "true",
     }  # fmt: skip
-    service = Processes(home, env)
-    try:
-        yield service.start(ready_timeout=300)
-    finally:
-        service.stop()
+    return Processes(home, env)
 
 
-@pytest.fixture(scope="module")
-def builtin(detox: Processes) -> Iterator[Processes]:
+def _builtin(detox: Processes) -> Processes:
     """A second API on the same state, decoding with the built-in engine in vLLM's precision
     (float32: the demo model's config), so the two must give the same text."""
     same_dtype = {"DETOX_ENGINE": "builtin", "DETOX_SERVING_DTYPE": "float32"}
-    service = Processes(detox.home, detox.env | same_dtype)
-    try:
-        service.start_api()
-        service.wait_ready(300)
-        yield service
-    finally:
-        service.stop()
+    return Processes(detox.home, detox.env | same_dtype)
+
+
+@pytest.fixture(scope="module")
+def vllm(stack: Stack) -> VllmServer:
+    return stack.vllm
+
+
+@pytest.fixture(scope="module")
+def detox(stack: Stack) -> Processes:
+    return stack.detox
+
+
+@pytest.fixture(scope="module")
+def builtin(stack: Stack) -> Processes:
+    return stack.builtin
 
 
 def _edit(service: Processes, name: str, params: dict) -> dict:

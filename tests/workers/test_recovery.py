@@ -12,7 +12,9 @@ from tests.workers.conftest import MODES, Service
 from tests.workers.helpers import submit, version_deltas, wait_for, wait_terminal
 from workers.celery_app import enqueue_job
 
-LONG = {"steps": 1000, "lr": 1e-3, "stop_loss": 0, "preset": "contrastive"}
+# Long enough to be killed mid-tune (~2.5 s of steps on the tiny model; the kill comes within
+# 0.05 s of the first tune progress), short enough that the second attempt redoes it quickly.
+LONG = {"steps": 300, "lr": 1e-3, "stop_loss": 0, "preset": "contrastive"}
 
 
 def _kill_mid_edit(service: Service, **env: str) -> str:
