@@ -34,8 +34,7 @@ def service(
     service = make_service(request.param)
     service.start_worker().wait_ready()
     yield service
-    for worker in service.workers:  # killed: a warm shutdown takes 3-6 s and nothing follows it
-        worker.kill()
+    service.kill_all()  # a warm shutdown takes 3-6 s and nothing follows it
 
 
 def run_job(service: Service, **spec) -> str:
