@@ -11,8 +11,8 @@ Each torch operation called from Python costs 1-3 µs here whatever its size, so
 keeps their number down: queries and keys rotate together straight from the q/k/v product, the
 rotation rolls instead of slicing and concatenating, RMSNorm is torch's `rms_norm` where that
 gives the same bits, and a module with no hooks is run without `nn.Module.__call__`: 1,688
-operations a step of the demo model instead of 2,138, 4-10% more tokens/s at one row and 9-15%
-at 8 rows (interleaved runs against the previous step on one busy machine).
+operations a step of the demo model instead of 2,138: 3-10% more tokens/s at one row and 4-15%
+at 8 rows, in interleaved runs against the previous step on a machine shared with other work.
 
 `LlamaLikeStep` calls the model's own modules in the model's order, so the versions' delta hooks
 still run (they sit on the linear modules). Two things differ. Grouped projections (q/k/v,
