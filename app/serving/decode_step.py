@@ -36,12 +36,19 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules import module as _module
 from transformers import DynamicCache
 
 from app.serving.packed import GroupMemberForward
 
 log = logging.getLogger(__name__)
+
+# Hooks registered for every module (`register_module_forward_hook`): torch keeps them in private
+# dicts, which `nn.Module.__call__` reads; none if a torch release renames them.
+_GLOBAL_HOOKS = (
+    getattr(_module, "_global_forward_hooks", {}),
+    getattr(_module, "_global_forward_pre_hooks", {}),
+)
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache], torch.Tensor]
 
@@ -232,7 +239,7 @@ def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _hooked(module: nn.Module) -> bool:
     return bool(
         module._forward_hooks or module._forward_pre_hooks
-        or _global_forward_hooks or _global_forward_pre_hooks
+        or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]
     )  # fmt: skip
 
 

@@ -117,6 +117,22 @@ def test_hooks_on_a_layers_parts_run_in_lean_steps():
     assert not torch.allclose(got, base, atol=1e-2)
 
 
+def test_a_global_module_hook_runs_in_lean_steps():
+    lm = tiny_model("llama")
+    target = lm.model.model.layers[0].mlp.down_proj
+    step = decode_step(lm.model)
+    base, _ = _steps_both_ways(lm, step)
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, _a, out: out * 1.5 if m is target else None
+    )
+    try:
+        expected, got = _steps_both_ways(lm, step)
+    finally:
+        handle.remove()
+    assert torch.equal(got, expected)
+    assert not torch.allclose(got, base, atol=1e-3)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt", "gemma2", "phi3"])
 def test_other_shapes_decode_through_the_models_forward(family, caplog):
     with caplog.at_level(logging.INFO, logger="app.serving.decode_step"):
