@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 from transformers import DynamicCache
 
-from app.serving.packed import GroupMemberForward
+from app.serving.packed import GroupMemberForward, PackedGroup
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ def _attention_inputs(
     dim]. Queries and keys rotate together: with q/k/v packed as one matrix they lie side by
     side in its product already."""
     rows, dim = x.shape[0], layer.head_dim
-    whole = _grouped(layer.qkv, x)
+    group = _group(layer.qkv)
+    whole = None if group is None else group.product(x)
     if whole is None:
         query, key, value = (_run(m, x) for m in layer.qkv)
         turning = torch.cat([query, key], dim=-1)
@@ -212,23 +213,21 @@ def _fused_norm_is_exact(weight: torch.Tensor) -> bool:
 def _outputs(modules: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
     """Each of `modules`' output for `x`: from one product where they make up a packed group
     and none has hooks, else each module run."""
-    whole = _grouped(modules, x)
-    if whole is None:
-        return [_run(m, x) for m in modules]
-    return list(whole.split([m.out_features for m in modules], dim=-1))
+    group = _group(modules)
+    return [_run(m, x) for m in modules] if group is None else group.outputs(x)
 
 
-def _grouped(modules: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor | None:
-    """`modules`' outputs for `x` side by side, from their packed group's one product; None
-    where they are not one group (see `packed`) or one has hooks (the versions' delta hooks
-    are registered on the modules they edit)."""
+def _group(modules: tuple[nn.Module, ...]) -> PackedGroup | None:
+    """The packed group `modules` make up, to run as one product; None where they are not one
+    group (see `packed`) or one has hooks (the versions' delta hooks are registered on the
+    modules they edit)."""
     forwards = [m.__dict__.get("forward") for m in modules]
     if not all(isinstance(f, GroupMemberForward) for f in forwards):
         return None
     group = forwards[0].group
     if group.modules != list(modules) or any(_hooked(m) for m in modules):
         return None
-    return group.product(x)
+    return group
 
 
 def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
