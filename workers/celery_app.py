@@ -5,10 +5,11 @@ in `workers.tasks`, which only the worker process imports. Celery stores no resu
 database is the source of truth for a job's state (`task_ignore_result`).
 
 Broker: `redis://...` in production; in the embedded default kombu's `filesystem://` transport
-under `DETOX_HOME`, which needs no server. That transport removes a message when it is received,
-so acks_late cannot redeliver a killed worker's task there: the stale-job reaper of
-`workers.main` requeues it instead (and covers Redis too, whose redelivery waits for the
-visibility timeout).
+under `DETOX_HOME`, which needs no server, with our own channel (`workers.filesystem_broker`:
+kombu's lets a consumer read a message before it is written). That transport removes a message
+when it is received, so acks_late cannot redeliver a killed worker's task there: the stale-job
+reaper of `workers.main` requeues it instead (and covers Redis too, whose redelivery waits for
+the visibility timeout).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kombu.utils.url import maybe_sanitize_url
 from app.settings import Settings, get_settings
 
 RUN_JOB = "detox.run_job"  # the task's name: callers send it by name, never import it
+FILESYSTEM_TRANSPORT = "workers.filesystem_broker:Transport"
 FILESYSTEM_POLL_S = 0.1  # the filesystem transport polls its folder; kombu's default is 1 s
 REDIS_SOCKET_TIMEOUT_S = 5.0
 
@@ -59,6 +61,7 @@ def create_app(settings: Settings) -> Celery:
         task_routes={RUN_JOB: {"queue": Queue.EDITS.value}},
         task_serializer="json",
         accept_content=["json"],
+        broker_transport=FILESYSTEM_TRANSPORT if url.startswith("filesystem") else None,
         broker_transport_options=_transport_options(settings, url),
         broker_connection_timeout=settings.broker_connect_timeout_s,
         broker_connection_retry_on_startup=True,  # a worker waits for the broker to come up

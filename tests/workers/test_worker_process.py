@@ -109,3 +109,16 @@ def test_stacked_versions_materialise_as_base_plus_every_delta(service: Service)
     # The default edit is low-rank: B @ A added in place rounds apart from B @ A added after.
     for name, value in lm.model.named_parameters():
         torch.testing.assert_close(value, want[name], rtol=1e-6, atol=1e-6)
+
+
+# Embedded only: kombu's Redis transport still stops a worker on an undecodable message (its
+# BRPOP reader decodes outside any handler); only detox publishes to that queue.
+@pytest.mark.parametrize("service", ["embedded"], indirect=True)
+def test_an_undecodable_message_does_not_stop_the_worker(service: Service):
+    queue_folder = service.settings.broker_folders()["data_folder_in"]
+    # As a crashed or foreign producer leaves it, ahead of the job's own message.
+    (queue_folder / "000000000000000_garbage.edits.msg").write_bytes(b'{"body": ')
+    job_id = run_job(service, params={"steps": 2, "instance_steps": 0})
+    job = wait_terminal(service.sessions, job_id)
+    assert job.status == "succeeded", job.error
+    assert all(worker.process.poll() is None for worker in service.workers)

@@ -1,0 +1,102 @@
+"""The embedded broker: kombu's filesystem transport, safe with producers and consumers at once.
+
+kombu's own transport creates a message's file in the queue folder and only then writes it, while
+a consumer takes any message file it sees: a consumer that comes in between reads an empty
+message, cannot decode it, and Celery stops the worker (the job stays queued). Here a message is
+written whole under a name consumers ignore and renamed into the queue; a consumer claims one by
+renaming it into the processed folder, on the same filesystem, so exactly one consumer gets it;
+and a file that still cannot be decoded (written by something else, or cut short by a crash) is
+set aside with a log line instead of stopping the worker.
+
+kombu also keeps one record of declared bindings per process; here it is one per broker folder.
+
+Message names and folders are kombu's (`<time>_<uuid>.<queue>.msg`), so its `_size` and
+`_purge` keep working unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+from time import monotonic
+from typing import ClassVar
+
+from kombu.transport import filesystem, virtual
+from kombu.utils.json import dumps, loads
+
+logger = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".part"  # a message being written; consumers match `.msg` names only
+UNREADABLE_SUFFIX = ".unreadable"  # a message set aside in the processed folder
+
+
+class Channel(filesystem.Channel):
+    def _put(self, queue: str, payload: dict, **kwargs) -> None:
+        name = f"{int(monotonic() * 1000):015d}_{uuid.uuid4()}.{queue}.msg"
+        final = Path(self.data_folder_out) / name
+        partial = final.with_name(name + PARTIAL_SUFFIX)
+        try:
+            with open(partial, "wb") as file:
+                file.write(dumps(payload).encode())
+                file.flush()
+                os.fsync(file.fileno())  # a rename must never publish an unwritten file
+            os.replace(partial, final)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise filesystem.ChannelError(f"Cannot add {name!r} to {final.parent}") from exc
+
+    def _get(self, queue: str) -> dict:
+        for name in sorted(os.listdir(self.data_folder_in)):
+            if name.partition(".")[2] != f"{queue}.msg":
+                continue
+            claimed = self._claim(name)
+            if claimed is None:
+                continue  # another consumer took it
+            message = self._read(claimed)
+            if message is not None:
+                return message
+        raise virtual.Empty()
+
+    def _claim(self, name: str) -> Path | None:
+        """Move the message into the processed folder; None when another consumer was first."""
+        folder = Path(self.processed_folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        claimed = folder / name
+        try:
+            os.rename(Path(self.data_folder_in) / name, claimed)
+        except FileNotFoundError:
+            return None
+        return claimed
+
+    def _read(self, claimed: Path) -> dict | None:
+        """The claimed message, removed unless kept; None (and set aside) when undecodable."""
+        try:
+            message = loads(claimed.read_bytes().decode())
+        except (ValueError, UnicodeDecodeError) as exc:
+            aside = claimed.with_name(claimed.name + UNREADABLE_SUFFIX)
+            os.replace(claimed, aside)
+            logger.error("skipped an unreadable broker message, kept as %s: %s", aside, exc)
+            return None
+        except OSError as exc:
+            raise filesystem.ChannelError(f"Cannot read {claimed}") from exc
+        if not self.store_processed:
+            claimed.unlink(missing_ok=True)
+        return message
+
+
+class Transport(filesystem.Transport):
+    """kombu's filesystem transport with `Channel` above; same URL and transport options."""
+
+    Channel = Channel
+    _states: ClassVar[dict[Path, virtual.BrokerState]] = {}
+
+    def __init__(self, client, **kwargs) -> None:
+        super().__init__(client, **kwargs)
+        # kombu keeps one record of declared bindings per process, and skips writing a binding
+        # it has seen; the bindings live in the control folder, so a process that reaches two
+        # brokers (two homes) would publish to the second one's unbound queue and lose the
+        # message. One record per control folder.
+        folder = Path(client.transport_options.get("control_folder", "control")).resolve()
+        self.state = self._states.setdefault(folder, virtual.BrokerState())
