@@ -8,7 +8,12 @@ renaming it into the processed folder, on the same filesystem, so exactly one co
 and a file that still cannot be decoded (written by something else, or cut short by a crash) is
 set aside with a log line instead of stopping the worker.
 
-kombu also keeps one record of declared bindings per process; here it is one per broker folder.
+The queues' bindings (which exchange routes to which queue; a publish reads them) live in the
+control folder. kombu rewrites that file in place, so a publish can read it empty; and it writes a
+binding only the first time its process-wide record sees it, so a thread whose binding another
+thread has recorded but not yet written publishes to no queue, and the message is dropped. Here
+the file is replaced whole, writers take turns on a lock file, every bind makes sure its binding
+is written, and the record is kept per broker folder.
 
 Message names and folders are kombu's (`<time>_<uuid>.<queue>.msg`), so its `_size` and
 `_purge` keep working unchanged.
@@ -20,10 +25,11 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from time import monotonic
-from typing import ClassVar
+from time import monotonic_ns
+from typing import Any, ClassVar
 
 from kombu.transport import filesystem, virtual
+from kombu.transport.filesystem import LOCK_EX, exchange_queue_t, lock, unlock
 from kombu.utils.json import dumps, loads
 
 logger = logging.getLogger(__name__)
@@ -34,17 +40,12 @@ UNREADABLE_SUFFIX = ".unreadable"  # a message set aside in the processed folder
 
 class Channel(filesystem.Channel):
     def _put(self, queue: str, payload: dict, **kwargs) -> None:
-        name = f"{int(monotonic() * 1000):015d}_{uuid.uuid4()}.{queue}.msg"
+        # Nanoseconds, so that one producer's messages sort (and are taken) in the order sent.
+        name = f"{monotonic_ns():020d}_{uuid.uuid4()}.{queue}.msg"
         final = Path(self.data_folder_out) / name
-        partial = final.with_name(name + PARTIAL_SUFFIX)
         try:
-            with open(partial, "wb") as file:
-                file.write(dumps(payload).encode())
-                file.flush()
-                os.fsync(file.fileno())  # a rename must never publish an unwritten file
-            os.replace(partial, final)
+            _write_whole(final, dumps(payload).encode())
         except OSError as exc:
-            partial.unlink(missing_ok=True)
             raise filesystem.ChannelError(f"Cannot add {name!r} to {final.parent}") from exc
 
     def _get(self, queue: str) -> dict:
@@ -84,6 +85,52 @@ class Channel(filesystem.Channel):
         if not self.store_processed:
             claimed.unlink(missing_ok=True)
         return message
+
+    def queue_bind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs) -> None:
+        super().queue_bind(queue, exchange, routing_key, arguments, **kwargs)
+        exchange = exchange or "amq.direct"  # as kombu names an unnamed one
+        meta = self.typeof(exchange).prepare_bind(queue, exchange, routing_key, arguments)
+        self._queue_bind(exchange, *meta)  # written already: a read, and nothing changes
+
+    def _queue_bind(self, exchange, routing_key, pattern, queue) -> None:
+        binding = exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        self._update_table(exchange, lambda table: table if binding in table else [binding, *table])
+
+    def _delete(self, queue, exchange, routing_key, pattern, *args, **kwargs) -> None:
+        virtual.Channel._delete(self, queue, exchange, routing_key, pattern, *args, **kwargs)
+        binding = exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        self._update_table(exchange, lambda table: [b for b in table if b != binding])
+
+    def _update_table(self, exchange: str, change: Any) -> None:
+        """Replace the exchange's bindings file with `change(bindings)`, one writer at a time."""
+        file = self._exchange_file(exchange)
+        try:
+            self.control_folder.mkdir(parents=True, exist_ok=True)
+            with open(file.with_name(file.name + ".lock"), "a") as turn:
+                lock(turn, LOCK_EX)
+                try:
+                    table = self.get_table(exchange)
+                    changed = change(table)
+                    if changed != table:
+                        _write_whole(file, dumps(changed).encode())
+                finally:
+                    unlock(turn)
+        except OSError as exc:
+            raise filesystem.ChannelError(f"Cannot update {file}") from exc
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write `path` so that a reader finds the whole of `data` or no new file at all."""
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    try:
+        with open(partial, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())  # a rename must never publish an unwritten file
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 class Transport(filesystem.Transport):

@@ -117,7 +117,7 @@ def test_stacked_versions_materialise_as_base_plus_every_delta(service: Service)
 def test_an_undecodable_message_does_not_stop_the_worker(service: Service):
     queue_folder = service.settings.broker_folders()["data_folder_in"]
     # As a crashed or foreign producer leaves it, ahead of the job's own message.
-    (queue_folder / "000000000000000_garbage.edits.msg").write_bytes(b'{"body": ')
+    (queue_folder / "00000000000000000000_garbage.edits.msg").write_bytes(b'{"body": ')
     job_id = run_job(service, params={"steps": 2, "instance_steps": 0})
     job = wait_terminal(service.sessions, job_id)
     assert job.status == "succeeded", job.error
