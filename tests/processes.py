@@ -38,6 +38,7 @@ class Processes:
     port: int = field(default_factory=free_port)
     api: subprocess.Popen | None = None
     workers: list[subprocess.Popen] = field(default_factory=list)
+    log_prefix: str = ""  # tells apart the logs of two services sharing one home
     _starts: int = 0
 
     @property
@@ -59,7 +60,7 @@ class Processes:
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
         self._starts += 1
-        log = self.home / f"{self._starts:02d}-{name}.log"
+        log = self.home / f"{self.log_prefix}{self._starts:02d}-{name}.log"
         with log.open("wb") as out:
             return subprocess.Popen(
                 [sys.executable, *args], env=self.environ(), cwd=self.home, stdout=out,

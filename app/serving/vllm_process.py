@@ -26,7 +26,13 @@ class VllmStartError(RuntimeError):
 
 
 def vllm_command(
-    python: Path, model: str, url: str, *, max_lora_rank: int, max_model_len: int | None = None
+    python: Path,
+    model: str,
+    url: str,
+    *,
+    max_lora_rank: int,
+    max_model_len: int | None = None,
+    dtype: str = "auto",
 ) -> list[str]:
     address = urlparse(url)
     command = [
@@ -34,7 +40,7 @@ def vllm_command(
         "--model", model, "--served-model-name", SERVED_BASE,
         "--host", address.hostname or "127.0.0.1", "--port", str(address.port or 8001),
         "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", "4",
-        "--dtype", "auto", "--enforce-eager",
+        "--dtype", dtype, "--enforce-eager",
     ]  # fmt: skip
     if max_model_len is not None:
         command += ["--max-model-len", str(max_model_len)]
@@ -50,8 +56,12 @@ def start_vllm(
     log_path: Path,
     max_model_len: int | None = None,
     kv_cache_gib: int = 1,
+    dtype: str = "auto",
 ) -> subprocess.Popen:
-    """Start the server (its output to `log_path`); `wait_until_healthy` waits for it."""
+    """Start the server (its output to `log_path`); `wait_until_healthy` waits for it.
+
+    `dtype` "auto" is the model's own, except that vLLM's CPU backend turns float32 into bfloat16.
+    """
     if not Path(python).is_file():
         raise VllmStartError(f"no vLLM at {python}: run `make vllm` first")
     env = os.environ | {
@@ -61,7 +71,12 @@ def start_vllm(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         command = vllm_command(
-            python, model, url, max_lora_rank=max_lora_rank, max_model_len=max_model_len
+            python,
+            model,
+            url,
+            max_lora_rank=max_lora_rank,
+            max_model_len=max_model_len,
+            dtype=dtype,
         )
         return subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
