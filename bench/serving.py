@@ -91,6 +91,10 @@ def main() -> None:
     parser.add_argument(
         "--mixed-pairs", type=int, default=7, help="(e): paired runs behind mixed / base"
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="(e): a DETOX_ setting for every configuration, e.g. TORCH_THREADS=1",
+    )  # fmt: skip
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="detox-bench-serving-"))
@@ -214,6 +218,7 @@ def engine_table(args, tmp: Path, url: str, sessions, lm) -> None:
         "SERVING_MAX_TOKENS": str(max(args.tokens, args.long_tokens)),
         "SERVING_MAX_PENDING": "256",
         "RATE_LIMIT_PER_MINUTE": "0",
+        **_settings(args.set),
     }
     configs = {k: v for k, v in CONFIGS.items() if not args.configs or k in args.configs}
     with_vllm = VLLM_PYTHON.is_file() and args.device in ("auto", "cpu") and not args.configs
@@ -225,7 +230,7 @@ def engine_table(args, tmp: Path, url: str, sessions, lm) -> None:
             rows[label] = measure_server(args, tmp, url, label, {**common, **settings})
     print(f"\n(e) engine configurations: {args.model}, {args.tokens} new tokens per request "
           f"(long: {args.long_tokens}, short: {args.short_tokens}), greedy, best of "
-          f"{args.repeat}")  # fmt: skip
+          f"{args.repeat}" + "".join(f", DETOX_{kv}" for kv in args.set))  # fmt: skip
     print("| engine | 1 stream tok/s | 8 concurrent tok/s | 32 concurrent tok/s | 8 mixed tok/s "
           f"| mixed / base, median of {args.mixed_pairs} pairs [range] | short TTFT idle p50/p95 "
           "ms | short TTFT behind 8 long p50/p95 ms | loaded / idle p95 |")  # fmt: skip
@@ -237,6 +242,17 @@ def engine_table(args, tmp: Path, url: str, sessions, lm) -> None:
               f"{r['idle'][0]:.0f} / {r['idle'][1]:.0f} | "
               f"{r['loaded'][0]:.0f} / {r['loaded'][1]:.0f} | "
               f"{r['loaded'][1] / r['idle'][1]:.1f}x |")  # fmt: skip
+
+
+def _settings(pairs: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` options as settings (KEY without its DETOX_ prefix)."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set takes KEY=VALUE, not {pair!r}")
+        settings[key.removeprefix("DETOX_").upper()] = value
+    return settings
 
 
 def measure_server(args, tmp: Path, url: str, label: str, settings: dict[str, str]) -> dict:
