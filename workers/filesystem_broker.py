@@ -24,9 +24,10 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from time import monotonic_ns
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from kombu.transport import filesystem, virtual
 from kombu.transport.filesystem import LOCK_EX, exchange_queue_t, lock, unlock
@@ -88,9 +89,11 @@ class Channel(filesystem.Channel):
 
     def queue_bind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs) -> None:
         super().queue_bind(queue, exchange, routing_key, arguments, **kwargs)
+        # kombu returns early when its record has the binding, which another thread may have
+        # recorded and not yet written: make sure it is in the file (only a read when it is).
         exchange = exchange or "amq.direct"  # as kombu names an unnamed one
         meta = self.typeof(exchange).prepare_bind(queue, exchange, routing_key, arguments)
-        self._queue_bind(exchange, *meta)  # written already: a read, and nothing changes
+        self._queue_bind(exchange, *meta)
 
     def _queue_bind(self, exchange, routing_key, pattern, queue) -> None:
         binding = exchange_queue_t(routing_key or "", pattern or "", queue or "")
@@ -101,7 +104,7 @@ class Channel(filesystem.Channel):
         binding = exchange_queue_t(routing_key or "", pattern or "", queue or "")
         self._update_table(exchange, lambda table: [b for b in table if b != binding])
 
-    def _update_table(self, exchange: str, change: Any) -> None:
+    def _update_table(self, exchange: str, change: Callable[[list], list]) -> None:
         """Replace the exchange's bindings file with `change(bindings)`, one writer at a time."""
         file = self._exchange_file(exchange)
         try:
