@@ -5,11 +5,12 @@ in `workers.tasks`, which only the worker process imports. Celery stores no resu
 database is the source of truth for a job's state (`task_ignore_result`).
 
 Broker: `redis://...` in production; in the embedded default kombu's `filesystem://` transport
-under `DETOX_HOME`, which needs no server, with our own channel (`workers.filesystem_broker`:
-kombu's lets a consumer read a message before it is written). That transport removes a message
-when it is received, so acks_late cannot redeliver a killed worker's task there: the stale-job
-reaper of `workers.main` requeues it instead (and covers Redis too, whose redelivery waits for
-the visibility timeout).
+under `DETOX_HOME`, which needs no server. Each has our own channel: `workers.filesystem_broker`
+(kombu's lets a consumer read a message before it is written) and `workers.redis_broker` (an
+undecodable message is skipped, not fatal). The filesystem transport removes a message when it
+is received, so acks_late cannot redeliver a killed worker's task there: the stale-job reaper of
+`workers.main` requeues it instead (and covers Redis too, whose redelivery waits for the
+visibility timeout).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from app.settings import Settings, get_settings
 
 RUN_JOB = "detox.run_job"  # the task's name: callers send it by name, never import it
 FILESYSTEM_TRANSPORT = "workers.filesystem_broker:Transport"
+REDIS_TRANSPORT = "workers.redis_broker:Transport"
 FILESYSTEM_POLL_S = 0.1  # the filesystem transport polls its folder; kombu's default is 1 s
 REDIS_SOCKET_TIMEOUT_S = 5.0
 
@@ -61,7 +63,7 @@ def create_app(settings: Settings) -> Celery:
         task_routes={RUN_JOB: {"queue": Queue.EDITS.value}},
         task_serializer="json",
         accept_content=["json"],
-        broker_transport=FILESYSTEM_TRANSPORT if url.startswith("filesystem") else None,
+        broker_transport=_transport(url),
         broker_transport_options=_transport_options(settings, url),
         broker_connection_timeout=settings.broker_connect_timeout_s,
         broker_connection_retry_on_startup=True,  # a worker waits for the broker to come up
@@ -73,6 +75,15 @@ def create_app(settings: Settings) -> Celery:
         worker_send_task_events=False,
     )
     return app
+
+
+def _transport(url: str) -> str | None:
+    """Our subclass of kombu's transport for `url`, where we have one (see their modules)."""
+    if url.startswith("filesystem"):
+        return FILESYSTEM_TRANSPORT
+    if url.startswith(("redis://", "rediss://")):
+        return REDIS_TRANSPORT
+    return None
 
 
 def _transport_options(settings: Settings, url: str) -> dict[str, Any]:

@@ -79,7 +79,7 @@ class Channel(filesystem.Channel):
         except (ValueError, UnicodeDecodeError) as exc:
             aside = claimed.with_name(claimed.name + UNREADABLE_SUFFIX)
             os.replace(claimed, aside)
-            logger.error("skipped an unreadable broker message, kept as %s: %s", aside, exc)
+            logger.error("skipped an undecodable broker message, kept as %s: %s", aside, exc)
             return None
         except OSError as exc:
             raise filesystem.ChannelError(f"Cannot read {claimed}") from exc

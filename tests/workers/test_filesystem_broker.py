@@ -12,7 +12,7 @@ import pytest
 from kombu import Connection
 
 from app.settings import Settings
-from workers.celery_app import FILESYSTEM_TRANSPORT, create_app
+from workers.celery_app import FILESYSTEM_TRANSPORT, REDIS_TRANSPORT, create_app
 from workers.filesystem_broker import PARTIAL_SUFFIX, UNREADABLE_SUFFIX
 
 MESSAGES = 400
@@ -35,11 +35,11 @@ def connection(settings: Settings) -> Iterator[Connection]:
         yield conn
 
 
-def test_the_app_uses_this_transport_for_the_embedded_broker_only(settings):
+def test_the_app_uses_this_transport_for_the_embedded_broker(settings):
     with _connection(settings) as conn:
         assert type(conn.transport).__module__ == FILESYSTEM_TRANSPORT.split(":")[0]
     redis = create_app(Settings(home=settings.home, broker_url="redis://127.0.0.1:6379/5"))
-    assert redis.conf.broker_transport is None
+    assert redis.conf.broker_transport == REDIS_TRANSPORT
 
 
 def test_every_message_reaches_exactly_one_consumer_while_it_is_written(settings):

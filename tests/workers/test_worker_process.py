@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 import torch
 
 from app.ml.deltas import apply_deltas
 from app.ml.models import load_model
 from app.store import crud
 from tests.instances import CASE_ID, safeedit_instance
-from tests.workers.conftest import MODES, Service
+from tests.workers.conftest import MODES, REDIS_URL, Service
 from tests.workers.helpers import (
     chain_deltas,
     expected_sum,
@@ -111,14 +112,22 @@ def test_stacked_versions_materialise_as_base_plus_every_delta(service: Service)
         torch.testing.assert_close(value, want[name], rtol=1e-6, atol=1e-6)
 
 
-# Embedded only: kombu's Redis transport still stops a worker on an undecodable message (its
-# BRPOP reader decodes outside any handler); only detox publishes to that queue.
-@pytest.mark.parametrize("service", ["embedded"], indirect=True)
+def _publish_undecodable(service: Service) -> None:
+    """A message that is not JSON, ahead of the next job's, as a foreign or crashed producer
+    leaves it."""
+    if service.mode == "embedded":
+        queue_folder = service.settings.broker_folders()["data_folder_in"]
+        (queue_folder / "00000000000000000000_garbage.edits.msg").write_bytes(b'{"body": ')
+    else:
+        client = redis.Redis.from_url(REDIS_URL)
+        client.lpush("edits", b'{"body": ')
+        client.close()
+
+
 def test_an_undecodable_message_does_not_stop_the_worker(service: Service):
-    queue_folder = service.settings.broker_folders()["data_folder_in"]
-    # As a crashed or foreign producer leaves it, ahead of the job's own message.
-    (queue_folder / "00000000000000000000_garbage.edits.msg").write_bytes(b'{"body": ')
+    _publish_undecodable(service)
     job_id = run_job(service, params={"steps": 2, "instance_steps": 0})
     job = wait_terminal(service.sessions, job_id)
     assert job.status == "succeeded", job.error
     assert all(worker.process.poll() is None for worker in service.workers)
+    assert any("skipped an undecodable broker message" in w.output() for w in service.workers)
