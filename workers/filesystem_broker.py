@@ -11,9 +11,9 @@ set aside with a log line instead of stopping the worker.
 The queues' bindings (which exchange routes to which queue; a publish reads them) live in the
 control folder. kombu rewrites that file in place, so a publish can read it empty; and it writes a
 binding only the first time its process-wide record sees it, so a thread whose binding another
-thread has recorded but not yet written publishes to no queue, and the message is dropped. Here
-the file is replaced whole, writers take turns on a lock file, every bind makes sure its binding
-is written, and the record is kept per broker folder.
+thread has recorded but not yet written, or a process reaching a second broker folder (another
+home), publishes to no queue, and the message is dropped. Here the file is replaced whole,
+writers take turns on a lock file, and every bind makes sure its binding is in the file.
 
 Message names and folders are kombu's (`<time>_<uuid>.<queue>.msg`), so its `_size` and
 `_purge` keep working unchanged.
@@ -27,7 +27,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from time import monotonic_ns
-from typing import ClassVar
 
 from kombu.transport import filesystem, virtual
 from kombu.transport.filesystem import LOCK_EX, exchange_queue_t, lock, unlock
@@ -76,7 +75,7 @@ class Channel(filesystem.Channel):
         """The claimed message, removed unless kept; None (and set aside) when undecodable."""
         try:
             message = loads(claimed.read_bytes().decode())
-        except (ValueError, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # not UTF-8, or not JSON
             aside = claimed.with_name(claimed.name + UNREADABLE_SUFFIX)
             os.replace(claimed, aside)
             logger.error("skipped an undecodable broker message, kept as %s: %s", aside, exc)
@@ -89,8 +88,9 @@ class Channel(filesystem.Channel):
 
     def queue_bind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs) -> None:
         super().queue_bind(queue, exchange, routing_key, arguments, **kwargs)
-        # kombu returns early when its record has the binding, which another thread may have
-        # recorded and not yet written: make sure it is in the file (only a read when it is).
+        # kombu returns early when its process-wide record has the binding, which another
+        # thread may have recorded and not yet written, or which belongs to another broker
+        # folder: make sure it is in this folder's file (only a read when it is).
         exchange = exchange or "amq.direct"  # as kombu names an unnamed one
         meta = self.typeof(exchange).prepare_bind(queue, exchange, routing_key, arguments)
         self._queue_bind(exchange, *meta)
@@ -100,6 +100,7 @@ class Channel(filesystem.Channel):
         self._update_table(exchange, lambda table: table if binding in table else [binding, *table])
 
     def _delete(self, queue, exchange, routing_key, pattern, *args, **kwargs) -> None:
+        # Past kombu's filesystem `_delete`, which rewrites the bindings file in place.
         virtual.Channel._delete(self, queue, exchange, routing_key, pattern, *args, **kwargs)
         binding = exchange_queue_t(routing_key or "", pattern or "", queue or "")
         self._update_table(exchange, lambda table: [b for b in table if b != binding])
@@ -140,13 +141,3 @@ class Transport(filesystem.Transport):
     """kombu's filesystem transport with `Channel` above; same URL and transport options."""
 
     Channel = Channel
-    _states: ClassVar[dict[Path, virtual.BrokerState]] = {}
-
-    def __init__(self, client, **kwargs) -> None:
-        super().__init__(client, **kwargs)
-        # kombu keeps one record of declared bindings per process, and skips writing a binding
-        # it has seen; the bindings live in the control folder, so a process that reaches two
-        # brokers (two homes) would publish to the second one's unbound queue and lose the
-        # message. One record per control folder.
-        folder = Path(client.transport_options.get("control_folder", "control")).resolve()
-        self.state = self._states.setdefault(folder, virtual.BrokerState())
