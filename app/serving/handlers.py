@@ -80,6 +80,15 @@ class OpenAIHandlers:
         ]
         return ModelList(data=cards)
 
+    def model(self, name: str) -> ModelCard:
+        """One model's card: `base`, a live version, or `latest` as the version it names now
+        (the name its answers carry). Blocking: may re-read the versions."""
+        version = self.engine.resolve(name)
+        if version is None:
+            return ModelCard(id="base", created=self.started, parent=None)
+        created = int(version.created_at.timestamp())
+        return ModelCard(id=version.name, created=created, parent=version.parent)
+
     # -- /v1/completions and /v1/chat/completions ------------------------------------------
 
     async def completion(self, request: CompletionRequest) -> Completion | AsyncIterator[str]:

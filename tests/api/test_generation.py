@@ -60,6 +60,32 @@ def test_models_list_base_and_live_versions(client):
     assert all(c["object"] == "model" and isinstance(c["created"], int) for c in cards.values())
 
 
+def test_one_model_by_name_latest_as_the_version_it_names(client, store, lm):
+    cards = {c["id"]: c for c in client.get("/v1/models").json()["data"]}
+    for name in ("base", "v1", "v2"):
+        assert client.get(f"/v1/models/{name}").json() == cards[name]
+    assert client.get("/v1/models/latest").json() == cards["v2"]
+    assert_error(client.get("/v1/models/nope"), 404, param="model")
+    store_version(store.sessions, lm, random_delta(lm, layer=0, seed=3), name="v3")
+    assert client.get("/v1/models/v3").json()["parent"] == "base"  # a miss re-reads at once
+    assert _eventually(lambda: client.get("/v1/models/latest").json()["id"] == "v3")
+    with store.sessions() as session:
+        crud.retire_version(session=session, name="v3")
+    assert _eventually(lambda: client.get("/v1/models/v3").status_code == 404)
+    assert_error(client.get("/v1/models/v3"), 404, param="model")
+    assert client.get("/v1/models/latest").json()["id"] == "v2"
+
+
+def _eventually(check, timeout_s: float = 10.0) -> bool:
+    """Whether `check()` holds within `timeout_s` (the engine re-reads versions every 0.1 s)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_completion_shape_usage_and_model_names(client):
     body = complete(client, model="v1", prompt="Once upon", max_tokens=6)
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")

@@ -26,6 +26,10 @@ def test_openai_client_plain_and_streaming(base_url):
     client = openai.OpenAI(base_url=base_url, api_key=ADMIN_KEY, max_retries=0, timeout=60)
     models = [m.id for m in client.models.list()]
     assert models == ["base", "safe1"]
+    assert client.models.retrieve("latest").id == "safe1"
+    assert client.models.retrieve("base").parent is None  # the card's extra field comes along
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
 
     messages = [{"role": "user", "content": "Say something."}]
     chat = client.chat.completions.create(

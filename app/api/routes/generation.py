@@ -35,6 +35,7 @@ from app.serving.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    ModelCard,
     ModelList,
 )
 
@@ -134,6 +135,16 @@ async def _answer(request: Request, work: Awaitable, prompt_param: str) -> Respo
 async def list_models(serving: ServingDep) -> ModelList:
     """The base model and every live version (with its `parent`)."""
     return serving.models()
+
+
+@router.get("/models/{name}", response_model=ModelCard)
+async def retrieve_model(name: str, serving: ServingDep) -> ModelCard:
+    """One model: `base`, a live version, or `latest` (answered as the version it names now);
+    404 with `param: "model"` for any other name."""
+    try:
+        return await asyncio.to_thread(serving.model, name)
+    except ServingError as exc:
+        raise _api_error(exc, "model") from exc
 
 
 @router.post(
