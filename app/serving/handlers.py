@@ -15,7 +15,6 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from functools import partial
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
@@ -92,41 +91,59 @@ class OpenAIHandlers:
     # -- /v1/completions and /v1/chat/completions ------------------------------------------
 
     async def completion(self, request: CompletionRequest) -> Completion | AsyncIterator[str]:
-        def respond(rid: str, created: int, target: Target, result: Finished) -> Completion:
+        def respond(rid: str, created: int, target: Target, results, usage: Usage) -> Completion:
             return Completion(
                 id=rid,
                 created=created,
                 model=target.name,
                 choices=[CompletionChoice(
-                    text=result.text, finish_reason=result.finish_reason,
+                    index=index, text=result.text, finish_reason=result.finish_reason,
                     logprobs=self._completion_logprobs(request, result),
-                )],
-                usage=Usage.of(result.prompt_tokens, result.completion_tokens),
+                ) for index, result in enumerate(results)],
+                usage=usage,
             )  # fmt: skip
 
-        text = request.text()
-        encode = partial(self.engine.encode_text, text)
+        prompts = request.prompts()
+
+        def encode() -> list[list[int]]:
+            return [self._prompt_ids(p) for p in prompts]
+
+        text = prompts[0] if isinstance(prompts[0], str) else ""
         return await self._serve(request, encode, text, "cmpl", self._completion_stream, respond)
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[str]:
-        def respond(rid: str, created: int, target: Target, result: Finished) -> ChatCompletion:
-            message = AssistantMessage(content=result.text)
-            choice = ChatChoice(
-                message=message,
-                finish_reason=result.finish_reason,
-                logprobs=self._chat_logprobs(request, result),
-            )
+        def respond(rid: str, created: int, target: Target, results, usage) -> ChatCompletion:
+            choices = [
+                ChatChoice(
+                    index=index,
+                    message=AssistantMessage(content=result.text),
+                    finish_reason=result.finish_reason,
+                    logprobs=self._chat_logprobs(request, result),
+                )
+                for index, result in enumerate(results)
+            ]
             return ChatCompletion(
-                id=rid,
-                created=created,
-                model=target.name,
-                choices=[choice],
-                usage=Usage.of(result.prompt_tokens, result.completion_tokens),
+                id=rid, created=created, model=target.name, choices=choices, usage=usage
             )
 
-        encode = partial(self.engine.encode_chat, request.plain_messages())
+        def encode() -> list[list[int]]:
+            return [self.engine.encode_chat(request.plain_messages())]
+
         prompt = request.last_user_text()
         return await self._serve(request, encode, prompt, "chatcmpl", self._chat_stream, respond)
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A completion prompt's token ids: its text encoded, or the ids it gave (checked)."""
+        if isinstance(prompt, str):
+            return self.engine.encode_text(prompt)
+        vocab = getattr(self.engine, "vocab_size", None)
+        beyond = [t for t in prompt if vocab is not None and t >= vocab]
+        if beyond:
+            raise InvalidParameterError(
+                f"prompt: token {beyond[0]} is beyond the model's vocabulary (0-{vocab - 1})",
+                "prompt",
+            )
+        return list(prompt)
 
     def _top(self, entry: TokenLogprobEvent) -> list[tuple[str, float]]:
         return [(self.engine.token_text(t), lp) for t, lp in entry.top]
@@ -170,21 +187,32 @@ class OpenAIHandlers:
 
     async def _serve(self, request, encode, prompt: str, id_prefix: str, stream, respond):
         """Both endpoints' steps: route and resolve the model, tokenise, then stream the events
-        (`stream`) or wait for the whole result (`respond`); a watched route hears of it."""
+        (`stream`) or wait for the whole results (`respond`): `n` answers to each prompt, in
+        that order; a watched route hears of its one answer."""
         start = time.perf_counter()
-        route, target, ids = await asyncio.to_thread(self._prepare, request, encode)
+        route, target, prompts = await asyncio.to_thread(self._prepare, request, encode)
         self._check_logit_bias(request)
-        params = request.to_sampling_params(
-            self.engine.token_budget(ids, request.requested_tokens())
-        )
+        jobs = [
+            (ids, target, request.to_sampling_params(budget, choice))
+            for ids in prompts
+            for budget in [self.engine.token_budget(ids, request.requested_tokens())]
+            for choice in range(request.n)
+        ]
+        if route is not None and len(jobs) > 1:
+            raise InvalidParameterError(
+                f"{request.model} answers one prompt with one choice (n=1)", "n"
+            )
         rid, created = new_id(id_prefix), now()
         served = self._watcher(route, rid, prompt, start)
         if request.stream:
-            events = await self._started(ids, target, params)
-            return stream(request, rid, created, target, served(events))
-        result = await self.engine.complete(ids, target, params)
-        served.finished(result)
-        return respond(rid, created, target, result)
+            events = await self._started_all(jobs)
+            return stream(request, rid, created, target, served.indexed(events))
+        if len(jobs) == 1:
+            results = [await self.engine.complete(*jobs[0])]
+        else:
+            results = await self.engine.complete_together(jobs)
+        served.finished(results[0])
+        return respond(rid, created, target, results, _usage(prompts, results))
 
     def _check_logit_bias(self, request: CompletionRequest | ChatCompletionRequest) -> None:
         vocab = getattr(self.engine, "vocab_size", None)
@@ -196,10 +224,12 @@ class OpenAIHandlers:
             )
 
     def _prepare(
-        self, request: CompletionRequest | ChatCompletionRequest, encode: Callable[[], list[int]]
-    ) -> tuple[Route | None, Target, list[int]]:
+        self,
+        request: CompletionRequest | ChatCompletionRequest,
+        encode: Callable[[], list[list[int]]],
+    ) -> tuple[Route | None, Target, list[list[int]]]:
         """The request's route (for a routed model such as `exp:<name>`), the resolved model and
-        the prompt's ids. Blocking: may read the store and load a version."""
+        each prompt's ids. Blocking: may read the store and load a version."""
         route = None
         if self.traffic is not None:
             route = self.traffic.route(request.model, request.user)
@@ -230,54 +260,73 @@ class OpenAIHandlers:
             raise
         return _prepended(first, events)
 
-    def _completion_stream(self, request, rid, created, target, events) -> AsyncIterator[str]:
-        def chunk(text: str, finish: str | None, usage: Usage | None = None) -> Completion:
-            choices = [CompletionChoice(text=text, finish_reason=finish)] if usage is None else []
-            return Completion(
-                id=rid, created=created, model=target.name, choices=choices, usage=usage
-            )
+    async def _started_all(self, jobs) -> list[AsyncIterator[Event]]:
+        """Every job's stream started (`_started`), at once; if one cannot start, none stays."""
+        started = await asyncio.gather(
+            *(self._started(*job) for job in jobs), return_exceptions=True
+        )
+        failed = [r for r in started if isinstance(r, BaseException)]
+        if failed:
+            for events in started:
+                if not isinstance(events, BaseException):
+                    await events.aclose()
+            raise failed[0]
+        return started
 
-        return self._events(request, events, chunk)
+    def _completion_stream(self, request, rid, created, target, events) -> AsyncIterator[str]:
+        def chunk(index: int, text: str, finish: str | None) -> Completion:
+            choice = CompletionChoice(index=index, text=text, finish_reason=finish)
+            return Completion(id=rid, created=created, model=target.name, choices=[choice])
+
+        def usage_chunk(usage: Usage) -> Completion:
+            return Completion(id=rid, created=created, model=target.name, choices=[], usage=usage)
+
+        return self._events(request, events, chunk, usage_chunk)
 
     def _chat_stream(self, request, rid, created, target, events) -> AsyncIterator[str]:
-        first = True
+        begun: set[int] = set()  # choices whose first chunk (with the role) went out
 
-        def chunk(text: str, finish: str | None, usage: Usage | None = None):
-            nonlocal first
-            choices = []
-            if usage is None:
-                delta = ChatDelta(role="assistant" if first else None, content=text)
-                if finish is not None and not text:
-                    delta = ChatDelta()
-                choices = [ChatChunkChoice(delta=delta, finish_reason=finish)]
-                first = False
+        def chunk(index: int, text: str, finish: str | None) -> ChatCompletionChunk:
+            delta = ChatDelta(role=None if index in begun else "assistant", content=text)
+            if finish is not None and not text:
+                delta = ChatDelta()
+            begun.add(index)
+            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish)
+            return ChatCompletionChunk(id=rid, created=created, model=target.name, choices=[choice])
+
+        def usage_chunk(usage: Usage) -> ChatCompletionChunk:
             return ChatCompletionChunk(
-                id=rid, created=created, model=target.name, choices=choices, usage=usage
+                id=rid, created=created, model=target.name, choices=[], usage=usage
             )
 
-        return self._events(request, events, chunk)
+        return self._events(request, events, chunk, usage_chunk)
 
-    async def _events(self, request, events, chunk) -> AsyncIterator[str]:
-        # aclosing: when the client goes away, the engine's stream is closed at once, which
-        # cancels the request and frees its slot in the batch.
+    async def _events(self, request, events, chunk, usage_chunk) -> AsyncIterator[str]:
+        # aclosing: when the client goes away, the engine's streams are closed at once, which
+        # cancels the requests and frees their slots in the batch.
         async with aclosing(events):
-            async for line in self._lines(request, events, chunk):
+            async for line in self._lines(request, events, chunk, usage_chunk):
                 yield line
         yield DONE
 
-    async def _lines(self, request, events, chunk) -> AsyncIterator[str]:
-        async for event in events:
+    async def _lines(self, request, events, chunk, usage_chunk) -> AsyncIterator[str]:
+        """SSE lines of `(choice index, event)` pairs; the usage of every answer last, once all
+        have finished (`stream_options.include_usage`)."""
+        finished: dict[int, Finished] = {}
+        async for index, event in events:
             if isinstance(event, TextDelta):
-                yield sse(chunk(event.text, None))
+                yield sse(chunk(index, event.text, None))
             elif isinstance(event, Finished):
-                yield sse(chunk("", event.finish_reason))
-                if request.include_usage:
-                    usage = Usage.of(event.prompt_tokens, event.completion_tokens)
-                    yield sse(chunk("", None, usage))
+                finished[index] = event
+                yield sse(chunk(index, "", event.finish_reason))
             elif isinstance(event, Failed):
                 message = f"generation failed: {event.error}"
                 yield sse({"error": {"message": message, "type": "internal_error",
                                      "param": None, "code": "generation_failed"}})  # fmt: skip
+        if request.include_usage and finished:
+            prompts = {i // request.n: r.prompt_tokens for i, r in finished.items()}
+            completion = sum(r.completion_tokens for r in finished.values())
+            yield sse(usage_chunk(Usage.of(sum(prompts.values()), completion)))
 
     # -- /v1/ab ----------------------------------------------------------------------------
 
@@ -346,8 +395,11 @@ class _Watcher:
             ),
         )
 
-    def __call__(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        return events if self._traffic is None else self._watched(events)
+    def indexed(self, streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
+        """The streams' events as (index, event) as they come; a watched route has one stream."""
+        if self._traffic is not None:
+            return _merged([self._watched(streams[0])])
+        return _merged(streams)
 
     async def _watched(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
         async with aclosing(events):
@@ -355,6 +407,48 @@ class _Watcher:
                 if isinstance(event, Finished):
                     self.finished(event)
                 yield event
+
+
+def _usage(prompts: list[list[int]], results: list[Finished]) -> Usage:
+    """A request's usage: each prompt counted once, every answer's tokens."""
+    return Usage.of(sum(len(ids) for ids in prompts), sum(r.completion_tokens for r in results))
+
+
+async def _merged(
+    streams: list[AsyncIterator[Event]],
+) -> AsyncIterator[tuple[int, Event]]:
+    """Every stream's events as (its index, event), in the order they arrive; closing this
+    closes them all (which cancels their requests)."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]):
+            async for event in streams[0]:
+                yield 0, event
+        return
+    arrived: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
+
+    async def pump(index: int, events: AsyncIterator[Event]) -> None:
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    arrived.put_nowait((index, event))
+        except Exception as exc:  # delivered as the answer's failure
+            arrived.put_nowait((index, Failed(exc)))
+        finally:
+            arrived.put_nowait((index, None))
+
+    pumps = [asyncio.create_task(pump(i, events)) for i, events in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            index, event = await arrived.get()
+            if event is None:
+                open_streams -= 1
+            else:
+                yield index, event
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
 
 
 async def _prepended(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[Event]:

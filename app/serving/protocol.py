@@ -5,8 +5,10 @@ strict JSON types (`"max_tokens": "5"` is refused, not read as 5). A parameter t
 not implement is refused with the error type `unsupported_parameter` naming it (the API answers
 400), unless it asks for what the server does anyway (`"response_format": {"type": "text"}`,
 `"tool_choice": "none"`, ...) or is bookkeeping that changes no answer (`metadata`, `store`, ...);
-an unknown parameter is refused alike (`extra_forbidden`). `n` > 1 is refused (422). Log-
-probabilities (`logprobs`, chat's `top_logprobs`) come with whole answers, not with streams.
+an unknown parameter is refused alike (`extra_forbidden`). A request may ask for `n` choices
+and, on `/v1/completions`, give several prompts, as text or as token ids: at most `MAX_CHOICES`
+answers in all. Log-probabilities (`logprobs`, chat's `top_logprobs`) come with whole answers,
+not with streams.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from app.serving.sampling import SamplingParams
 from app.validation import UnicodeStr, valid_unicode_texts
 
 MAX_STOPS = 4
+MAX_CHOICES = 32  # answers one request may ask for: prompts × n
 
 # Beyond any context window: larger is a mistake (422), smaller is capped by the server.
 MAX_TOKENS_FIELD = 1_000_000
@@ -99,7 +102,9 @@ class _Request(BaseModel):
     )
     temperature: Number = Field(1.0, ge=0, le=2, description="0: greedy")
     top_p: Number = Field(1.0, gt=0, le=1)
-    n: StrictInt = Field(1, ge=1, description="only 1 is supported")
+    n: StrictInt = Field(
+        1, ge=1, le=MAX_CHOICES, description="answers per prompt (with a seed: seed, seed + 1, ...)"
+    )
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -141,13 +146,6 @@ class _Request(BaseModel):
     def _logit_bias(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         return _check_logit_bias(value)
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported")
-        return value
-
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
@@ -169,13 +167,14 @@ class _Request(BaseModel):
         """None: no log-probabilities; k: each token's, and the k likeliest alternatives."""
         return None
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
+        """The sampling parameters of the `choice`-th answer to a prompt (its own seed)."""
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             stop=self.stops(),
-            seed=self.seed,
+            seed=None if self.seed is None else self.seed + choice,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
@@ -202,8 +201,32 @@ def _not_streamed(value: Any, wanted: bool, info: ValidationInfo) -> Any:
     return value
 
 
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+
+
+def _token_ids(value: Any) -> bool:
+    """A non-empty list of token ids (integers from 0)."""
+    return isinstance(value, list) and bool(value) and all(
+        type(t) is int and t >= 0 for t in value
+    )  # fmt: skip
+
+
+def _prompt_count(value: Any) -> int | None:
+    """How many prompts `value` holds, if it has one of the accepted shapes: a string, a list of
+    strings, a list of token ids, or a list of such lists."""
+    if isinstance(value, str) or _token_ids(value):
+        return 1
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(p, str) for p in value) or all(_token_ids(p) for p in value):
+        return len(value)
+    return None
+
+
 class CompletionRequest(_Request):
-    prompt: str | list[str] = Field(description="one prompt (a list must hold exactly one)")
+    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
+        description="a prompt, or a list of them: as text or as token ids"
+    )
     logprobs: StrictInt | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS,
         description="the log-probability of each generated token and of the N likeliest "
@@ -219,15 +242,37 @@ class CompletionRequest(_Request):
     def wanted_logprobs(self) -> int | None:
         return self.logprobs
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any, info: ValidationInfo) -> Any:
+        """One clear error for a prompt of no accepted shape (not one per union member), and
+        at most `MAX_CHOICES` answers in all."""
+        count = _prompt_count(value)
+        if count is None:
+            raise PydanticCustomError(
+                "prompt_shape", "give a string, a list of strings, a list of token ids (integers "
+                "from 0) or a list of such lists, none of them empty",
+            )  # fmt: skip
+        n = info.data.get("n", 1)
+        if count * n > MAX_CHOICES:
+            raise PydanticCustomError(
+                "too_many_choices",
+                f"{count} prompts × n={n} ask for more than {MAX_CHOICES} answers",
+            )
+        return value
+
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt is supported")
-        return valid_unicode_texts(value)
+    def _unicode(cls, value: Any) -> Any:
+        texts = isinstance(value, str) or isinstance(value[0], str)
+        return valid_unicode_texts(value) if texts else value
 
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: its text, or its token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
 
 
 class TextPart(BaseModel):

@@ -111,7 +111,7 @@ def test_max_tokens_is_capped_by_the_setting(client):
 def test_errors(client):
     error = assert_error(client.post("/v1/completions", json={"model": "v9", "prompt": "x"}), 404)
     assert error["param"] == "model" and error["code"] == "model_not_found"
-    assert_error(client.post("/v1/completions", json={"model": "base", "prompt": "x", "n": 2}), 422)
+    assert_error(client.post("/v1/completions", json={"model": "base", "prompt": "x", "n": 0}), 422)
     long_prompt = "y" * 400  # the tiny model's context is 256 tokens
     error = assert_error(
         client.post("/v1/completions", json={"model": "base", "prompt": long_prompt}), 400
@@ -122,6 +122,98 @@ def test_errors(client):
         assert_error(response, 422)
     response = client.post("/v1/chat/completions", json={"model": "base", "messages": "hi"})
     assert assert_error(response, 400, param="messages")["code"] == "list_type"  # as OpenAI: 400
+
+
+def test_several_prompts_and_n_answers_each_are_what_each_alone_gives(client, lm):
+    def answer(prompt, **extra):
+        return complete(client, model="v1", prompt=prompt, max_tokens=6, **extra)
+
+    def alone(prompt, **extra):
+        return answer(prompt, **extra)["choices"][0]
+
+    prompts = ["Once upon", "Tell me"]
+    body = complete(client, model="v1", prompt=prompts, n=2, max_tokens=6)
+    choices = body["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]  # prompt by prompt, n answers each
+    singles = [answer(p) for p in prompts]
+    for i, single in enumerate(singles):
+        [expected] = single["choices"]
+        for c in choices[2 * i : 2 * i + 2]:
+            assert (c["text"], c["finish_reason"]) == (expected["text"], expected["finish_reason"])
+    assert body["usage"]["prompt_tokens"] == sum(map(len, prompts))  # each prompt counted once
+    assert body["usage"]["completion_tokens"] == 2 * sum(
+        single["usage"]["completion_tokens"] for single in singles
+    )
+    # Token ids in place of text: one prompt, or a list of them.
+    ids = [lm.tokenizer(p)["input_ids"] for p in prompts]
+    assert alone(ids[0])["text"] == alone(prompts[0])["text"]
+    by_ids = complete(client, model="v1", prompt=ids, max_tokens=6)["choices"]
+    assert [c["text"] for c in by_ids] == [alone(p)["text"] for p in prompts]
+    # Sampled with a seed, answer k is the one seed + k gives alone.
+    sampled = answer("Once", n=3, seed=5, temperature=1.0)["choices"]
+    assert [c["text"] for c in sampled] == [
+        alone("Once", seed=5 + k, temperature=1.0)["text"] for k in range(3)
+    ]
+    assert len({c["text"] for c in sampled}) > 1
+
+
+def test_prompts_of_no_accepted_shape_or_too_many_answers_are_refused_clearly(client, lm):
+    def post(prompt, **extra):
+        return client.post("/v1/completions", json={"model": "base", "prompt": prompt} | extra)
+
+    for prompt in ([], [[]], ["a", 1], [1.5], [True], [-1], ["a", [1]], {"a": 1}, None):
+        error = assert_error(post(prompt), 422, param="prompt")
+        assert error["message"].startswith("prompt: give a string, a list of strings"), error
+    error = assert_error(post(["a"] * 8, n=5), 422, param="prompt")
+    assert "8 prompts × n=5" in error["message"]
+    assert_error(post("a", n=33), 422, param="n")
+    error = assert_error(post([1, 2, lm.model.config.vocab_size]), 400, param="prompt")
+    assert "beyond the model's vocabulary" in error["message"]
+
+
+def test_n_answers_and_several_prompts_stream_each_with_its_index(client):
+    def streamed(path, body):
+        response = client.post(
+            path, json=body | {"stream": True, "stream_options": {"include_usage": True}}
+        )
+        assert response.status_code == 200, response.text
+        events = sse_events(response.text)
+        assert events[-1] == "[DONE]"
+        return events[:-1]
+
+    body = {"model": "v2", "prompt": ["Once upon", "Tell"], "n": 2, "max_tokens": 6,
+            "temperature": 0}  # fmt: skip
+    plain = complete(client, **body)
+    chunks = streamed("/v1/completions", body)
+    texts, finishes = {}, {}
+    for c in chunks[:-1]:
+        [choice] = c["choices"]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+        if choice["finish_reason"] is not None:
+            assert choice["index"] not in finishes  # one finish per answer
+            finishes[choice["index"]] = choice["finish_reason"]
+    assert texts == {c["index"]: c["text"] for c in plain["choices"]}
+    assert finishes == {c["index"]: c["finish_reason"] for c in plain["choices"]}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+
+    chat = {"model": "v1", "messages": MESSAGES, "n": 3, "max_tokens": 6, "temperature": 0}
+    answer = client.post("/v1/chat/completions", json=chat).json()
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    chunks = streamed("/v1/chat/completions", chat)
+    roles = [c["choices"][0]["index"] for c in chunks if c["choices"]
+             and c["choices"][0]["delta"].get("role") == "assistant"]  # fmt: skip
+    assert sorted(roles) == [0, 1, 2]  # the role once, in each answer's first chunk
+    content = {}
+    for c in chunks[:-1]:
+        [choice] = c["choices"]
+        content[choice["index"]] = content.get(choice["index"], "") + (
+            choice["delta"].get("content") or ""
+        )
+    assert content == {c["index"]: c["message"]["content"] for c in answer["choices"]}
+    assert chunks[-1]["usage"] == answer["usage"]
+    one = client.post("/v1/chat/completions", json=chat | {"n": 1}).json()["usage"]
+    assert answer["usage"]["prompt_tokens"] == one["prompt_tokens"]  # the prompt counted once
+    assert answer["usage"]["completion_tokens"] == 3 * one["completion_tokens"]
 
 
 def test_completion_stream_matches_the_plain_answer(client):

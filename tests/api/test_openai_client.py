@@ -76,6 +76,29 @@ def test_openai_client_plain_and_streaming(base_url):
     )
     assert len(legacy.choices[0].logprobs.token_logprobs) == len(legacy.choices[0].logprobs.tokens)
 
+    # n answers, several prompts, token ids: each answer alone's, in OpenAI's order.
+    many = client.completions.create(
+        model="base", prompt=["Hello", "Bye"], n=2, max_tokens=5, temperature=0
+    )
+    bye = client.completions.create(model="base", prompt="Bye", max_tokens=5, temperature=0)
+    assert [c.text for c in many.choices] == [completion.choices[0].text] * 2 + [
+        bye.choices[0].text
+    ] * 2
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    chats = client.chat.completions.create(
+        model="safe1", messages=messages, max_tokens=8, temperature=0, n=2
+    )
+    assert [c.message.content for c in chats.choices] == [text, text]
+    streamed_choices: dict[int, str] = {}
+    for chunk in client.chat.completions.create(
+        model="safe1", messages=messages, max_tokens=8, temperature=0, n=2, stream=True
+    ):
+        for choice in chunk.choices:
+            streamed_choices[choice.index] = streamed_choices.get(choice.index, "") + (
+                choice.delta.content or ""
+            )
+    assert streamed_choices == {0: text, 1: text}
+
 
 def test_openai_client_in_an_experiment(tmp_path):
     with live_server(tmp_path) as (url, app):
@@ -107,21 +130,26 @@ def test_openai_client_in_an_experiment(tmp_path):
             app.state.outcomes.wait(response_id, 30)
         results = httpx.get(f"{url}/v1/experiments/oa/results", headers=AUTH).json()
         assert sum(arm["requests"] for arm in results["arms"]) == 12  # streamed ones too
+        with pytest.raises(openai.BadRequestError) as caught:  # its outcomes are per answer
+            client.chat.completions.create(model="exp:oa", messages=messages, max_tokens=4, n=2)
+        assert caught.value.body["param"] == "n"
 
 
-def test_a_client_that_disconnects_frees_its_slot(tmp_path):
+@pytest.mark.parametrize("answers", [1, 3])
+def test_a_client_that_disconnects_frees_its_slot(tmp_path, answers):
     with live_server(tmp_path, serving_max_tokens=240) as (url, app):
         body = {"model": "base", "prompt": "a", "max_tokens": 240, "temperature": 0,
-                "stream": True}  # fmt: skip
+                "stream": True, "n": answers}  # fmt: skip
         with httpx.Client(base_url=url, timeout=30, headers=AUTH) as client:
             with client.stream("POST", "/v1/completions", json=body) as response:
                 assert next(response.iter_lines()).startswith("data: ")
             # the connection is closed: the request must leave its batch before its 240 tokens
             engine = app.state.serving.get_sync().engine
             deadline = time.monotonic() + 10
-            while engine.cancelled == 0:
-                assert time.monotonic() < deadline, "the request was not cancelled"
+            while engine.cancelled < answers or engine.pending:
+                assert time.monotonic() < deadline, "the requests were not cancelled"
                 time.sleep(0.02)
+            assert engine.cancelled == answers
             done = client.post("/v1/completions", json=body | {"stream": False, "max_tokens": 3})
             assert done.status_code == 200
 
