@@ -150,6 +150,19 @@ def _ab(service: Processes, arms: list[str]) -> dict[str, dict]:
     return {arm["model"]: arm for arm in response.json()["arms"]}
 
 
+def _streamed_answers(service: Processes, body: dict) -> dict[int, str]:
+    answers: dict[int, str] = {}
+    with service.http() as http:
+        response = http.post("/v1/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    for line in response.text.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                answers[choice["index"]] = answers.get(choice["index"], "") + choice["text"]
+    assert sorted(answers) == [0, 1, 2, 3], answers
+    return answers
+
+
 def _chat(service: Processes, model: str) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": "Name a red fruit."}]}
     with service.http() as http:
@@ -167,6 +180,10 @@ def test_a_low_rank_dinm_version_is_served_by_vllm_as_by_the_builtin_engine(
     for arm in ("base", "lowrank"):
         assert by_vllm[arm]["refused"] == by_builtin[arm]["refused"]
         assert by_vllm[arm]["text"] == by_builtin[arm]["text"], (by_vllm, by_builtin)
+    # n answers to several prompts, streamed: each answer as the built-in engine gives it.
+    body = {"model": "lowrank", "prompt": ["Name a red fruit.", INSTANCE["question"]], "n": 2,
+            "max_tokens": 8, "temperature": 0, "stream": True}  # fmt: skip
+    assert _streamed_answers(detox, body) == _streamed_answers(builtin, body)
     assert "lowrank" in vllm.adapters()
     with detox.http() as http:
         ready = http.get("/readyz").json()["checks"]["engine"]
