@@ -374,6 +374,9 @@ def _advance(lm: LoadedModel, row: _Row, token: int, stop_ids: set[int]) -> bool
 
 
 def _finish(row: _Row, text: str, reason: str) -> bool:
+    # A character cut off by the last token (max_tokens, or an end token mid-character) decodes
+    # as U+FFFD: not part of the answer, as streaming already holds it back.
+    text = text.rstrip("\ufffd")
     if not text.startswith(row.emitted):  # decoding changed earlier text: keep what was sent
         text = row.emitted
     if len(text) > len(row.emitted):
