@@ -60,6 +60,13 @@ class _Row:
     end: tuple[int, ...] = ()  # the end token, once one stopped the row
     emitted: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token in `tokens`
+    logprobs_sent: int = 0  # how many of `logprobs` went out with a TextDelta
+
+    def fresh_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """The log-probabilities of the text tokens not sent yet (the end token's left out)."""
+        fresh = tuple(self.logprobs[self.logprobs_sent : len(self.tokens)])
+        self.logprobs_sent += len(fresh)
+        return fresh
 
     def emit(self, event: Event) -> None:
         try:
@@ -368,7 +375,7 @@ def _advance(lm: LoadedModel, row: _Row, token: int, stop_ids: set[int]) -> bool
         return _finish(row, text, "length")
     ready = _holdback(text, request.params.stop)
     if len(ready) > len(row.emitted) and ready.startswith(row.emitted):
-        row.emit(TextDelta(ready[len(row.emitted) :]))
+        row.emit(TextDelta(ready[len(row.emitted) :], row.fresh_logprobs()))
         row.emitted = ready
     return True
 
@@ -379,8 +386,9 @@ def _finish(row: _Row, text: str, reason: str) -> bool:
     text = text.rstrip("\ufffd")
     if not text.startswith(row.emitted):  # decoding changed earlier text: keep what was sent
         text = row.emitted
-    if len(text) > len(row.emitted):
-        row.emit(TextDelta(text[len(row.emitted) :]))
+    rest, fresh = text[len(row.emitted) :], row.fresh_logprobs()
+    if rest or fresh:
+        row.emit(TextDelta(rest, fresh))
     tokens = (*row.tokens, *row.end)
     prompt_tokens = len(row.request.prompt_ids)
     logprobs = tuple(row.logprobs[: len(row.tokens)])  # the end token's left out, as its text

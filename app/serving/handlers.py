@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
@@ -98,7 +98,7 @@ class OpenAIHandlers:
                 model=target.name,
                 choices=[CompletionChoice(
                     index=index, text=result.text, finish_reason=result.finish_reason,
-                    logprobs=self._completion_logprobs(request, result),
+                    logprobs=self._completion_logprobs(request, result.logprobs),
                 ) for index, result in enumerate(results)],
                 usage=usage,
             )  # fmt: skip
@@ -118,7 +118,7 @@ class OpenAIHandlers:
                     index=index,
                     message=AssistantMessage(content=result.text),
                     finish_reason=result.finish_reason,
-                    logprobs=self._chat_logprobs(request, result),
+                    logprobs=self._chat_logprobs(request, result.logprobs),
                 )
                 for index, result in enumerate(results)
             ]
@@ -149,26 +149,26 @@ class OpenAIHandlers:
         return [(self.engine.token_text(t), lp) for t, lp in entry.top]
 
     def _completion_logprobs(
-        self, request: CompletionRequest, result: Finished
+        self, request: CompletionRequest, entries: Sequence[TokenLogprobEvent], at: int = 0
     ) -> CompletionLogprobs | None:
+        """The legacy shape; `at`: the text offset of the first token (in a stream, the length
+        of the answer's text before it)."""
         if request.wanted_logprobs() is None:
             return None
-        tokens = [self.engine.token_text(e.token) for e in result.logprobs]
-        offsets, at = [], 0
+        tokens = [self.engine.token_text(e.token) for e in entries]
+        offsets = []
         for token in tokens:
             offsets.append(at)
             at += len(token)
         return CompletionLogprobs(
             tokens=tokens,
-            token_logprobs=[e.logprob for e in result.logprobs],
-            top_logprobs=[dict(self._top(e)) for e in result.logprobs]
-            if request.logprobs
-            else None,
+            token_logprobs=[e.logprob for e in entries],
+            top_logprobs=[dict(self._top(e)) for e in entries] if request.logprobs else None,
             text_offset=offsets,
         )
 
     def _chat_logprobs(
-        self, request: ChatCompletionRequest, result: Finished
+        self, request: ChatCompletionRequest, entries: Sequence[TokenLogprobEvent]
     ) -> ChatLogprobs | None:
         if request.wanted_logprobs() is None:
             return None
@@ -177,7 +177,7 @@ class OpenAIHandlers:
             return list(text.encode("utf-8", errors="replace"))
 
         content = []
-        for entry in result.logprobs:
+        for entry in entries:
             text = self.engine.token_text(entry.token)
             top = [TopLogprob(token=t, logprob=lp, bytes=utf8(t)) for t, lp in self._top(entry)]
             content.append(
@@ -274,8 +274,13 @@ class OpenAIHandlers:
         return started
 
     def _completion_stream(self, request, rid, created, target, events) -> AsyncIterator[str]:
-        def chunk(index: int, text: str, finish: str | None) -> Completion:
-            choice = CompletionChoice(index=index, text=text, finish_reason=finish)
+        offsets: dict[int, int] = {}  # each answer's token text so far, for `text_offset`
+
+        def chunk(index: int, text: str, finish: str | None, logprobs=()) -> Completion:
+            at = offsets.get(index, 0)
+            scored = self._completion_logprobs(request, logprobs, at) if logprobs else None
+            offsets[index] = at + sum(len(t) for t in scored.tokens) if scored else at
+            choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=scored)
             return Completion(id=rid, created=created, model=target.name, choices=[choice])
 
         def usage_chunk(usage: Usage) -> Completion:
@@ -286,12 +291,15 @@ class OpenAIHandlers:
     def _chat_stream(self, request, rid, created, target, events) -> AsyncIterator[str]:
         begun: set[int] = set()  # choices whose first chunk (with the role) went out
 
-        def chunk(index: int, text: str, finish: str | None) -> ChatCompletionChunk:
+        def chunk(index: int, text: str, finish: str | None, logprobs=()) -> ChatCompletionChunk:
             delta = ChatDelta(role=None if index in begun else "assistant", content=text)
             if finish is not None and not text:
                 delta = ChatDelta()
             begun.add(index)
-            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish)
+            scored = self._chat_logprobs(request, logprobs) if logprobs else None
+            choice = ChatChunkChoice(
+                index=index, delta=delta, finish_reason=finish, logprobs=scored
+            )
             return ChatCompletionChunk(id=rid, created=created, model=target.name, choices=[choice])
 
         def usage_chunk(usage: Usage) -> ChatCompletionChunk:
@@ -315,7 +323,7 @@ class OpenAIHandlers:
         finished: dict[int, Finished] = {}
         async for index, event in events:
             if isinstance(event, TextDelta):
-                yield sse(chunk(index, event.text, None))
+                yield sse(chunk(index, event.text, None, event.logprobs))
             elif isinstance(event, Finished):
                 finished[index] = event
                 yield sse(chunk(index, "", event.finish_reason))

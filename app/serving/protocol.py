@@ -7,8 +7,8 @@ not implement is refused with the error type `unsupported_parameter` naming it (
 `"tool_choice": "none"`, ...) or is bookkeeping that changes no answer (`metadata`, `store`, ...);
 an unknown parameter is refused alike (`extra_forbidden`). A request may ask for `n` choices
 and, on `/v1/completions`, give several prompts, as text or as token ids: at most `MAX_CHOICES`
-answers in all. Log-probabilities (`logprobs`, chat's `top_logprobs`) come with whole answers,
-not with streams.
+answers in all. Log-probabilities (`logprobs`, chat's `top_logprobs`) come with whole answers
+and, streamed, with each chunk for the tokens that chunk's text came from.
 """
 
 from __future__ import annotations
@@ -192,15 +192,6 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-def _not_streamed(value: Any, wanted: bool, info: ValidationInfo) -> Any:
-    """Log-probabilities are given in whole answers only, not yet in streams."""
-    if wanted and info.data.get("stream"):
-        raise PydanticCustomError(
-            "unsupported_parameter", "not supported with stream (yet): ask without stream"
-        )
-    return value
-
-
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 
 
@@ -233,11 +224,6 @@ class CompletionRequest(_Request):
         "tokens at its place (the model's own distribution, before sampling settings)",
     )  # fmt: skip
     top_logprobs: _unsupported() = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs_not_streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
-        return _not_streamed(value, value is not None, info)
 
     def wanted_logprobs(self) -> int | None:
         return self.logprobs
@@ -325,11 +311,6 @@ class ChatCompletionRequest(_Request):
     top_logprobs: StrictInt | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the N likeliest tokens too"
     )
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs_not_streamed(cls, value: bool, info: ValidationInfo) -> bool:
-        return _not_streamed(value, value, info)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -436,7 +417,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

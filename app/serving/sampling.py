@@ -31,6 +31,8 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    # asked for: the tokens' this text came from (a token may bring no text of its own yet)
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

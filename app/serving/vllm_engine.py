@@ -230,10 +230,11 @@ class VllmEngine(EngineBase):
                 async for chunk in _sse_chunks(response):
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices", ()):
-                        logprobs += _logprobs(choice.get("logprobs"), params.logprobs)
-                        if choice.get("text"):
-                            text.append(choice["text"])
-                            yield TextDelta(choice["text"])
+                        fresh = _logprobs(choice.get("logprobs"), params.logprobs)
+                        logprobs += fresh
+                        if choice.get("text") or fresh:
+                            text.append(choice.get("text") or "")
+                            yield TextDelta(choice.get("text") or "", tuple(fresh))
                         finish = choice.get("finish_reason") or finish
         except httpx.TransportError as exc:
             self._registered.clear()  # it may come back empty: the next refresh re-registers

@@ -112,12 +112,7 @@ def test_openai_parameters_asking_for_the_default_are_accepted(client, extra):
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-def test_logprobs_are_refused_with_stream_and_top_logprobs_needs_logprobs(client, path):
-    body = {"model": "base", "max_tokens": 2, "stream": True}
-    body |= {"prompt": "hi", "logprobs": 1} if path == "/v1/completions" else {
-        "messages": MESSAGES, "logprobs": True}  # fmt: skip
-    error = assert_error(client.post(path, json=body, headers=AUTH), 400, param="logprobs")
-    assert error["code"] == "unsupported_parameter" and "stream" in error["message"]
+def test_top_logprobs_needs_logprobs_and_is_chats_own(client, path):
     if path == "/v1/chat/completions":
         body = {"model": "base", "messages": MESSAGES, "top_logprobs": 2}
         assert_error(client.post(path, json=body, headers=AUTH), 422, param="top_logprobs")

@@ -216,6 +216,31 @@ def test_n_answers_and_several_prompts_stream_each_with_its_index(client):
     assert answer["usage"]["completion_tokens"] == 3 * one["completion_tokens"]
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_streamed_logprobs_are_the_whole_answers_chunk_by_chunk(client, path):
+    chat = path == "/v1/chat/completions"
+    body = {"model": "v1", "max_tokens": 10, "temperature": 0, "n": 2}
+    body |= {"messages": MESSAGES, "logprobs": True, "top_logprobs": 2} if chat else {
+        "prompt": "Tell me", "logprobs": 2}  # fmt: skip
+    plain = client.post(path, json=body).json()["choices"]
+    response = client.post(path, json=body | {"stream": True})
+    assert response.status_code == 200, response.text
+    streamed: dict[int, dict[str, list]] = {}
+    for chunk in sse_events(response.text)[:-1]:
+        for choice in chunk["choices"]:
+            scored = choice["logprobs"]
+            if scored is None:
+                continue
+            into = streamed.setdefault(choice["index"], {})
+            for key, values in (scored if not chat else {"content": scored["content"]}).items():
+                into.setdefault(key, []).extend(values)
+    assert sorted(streamed) == [0, 1]
+    for choice in plain:
+        whole = choice["logprobs"] if not chat else {"content": choice["logprobs"]["content"]}
+        assert streamed[choice["index"]] == whole  # tokens, values, alternatives, text offsets
+        assert len(next(iter(whole.values()))) >= 1
+
+
 def test_completion_stream_matches_the_plain_answer(client):
     plain = complete(client, model="v2", prompt="Tell me", max_tokens=8)
     response = client.post(

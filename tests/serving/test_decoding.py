@@ -11,7 +11,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import PreTrainedTokenizerFast
 
 from app.serving.decoding import GenRequest, _advance, _Row
-from app.serving.sampling import Finished, SamplingParams, TextDelta
+from app.serving.sampling import Finished, SamplingParams, TextDelta, TokenLogprob
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -29,6 +29,8 @@ def decode_into_events(tokens: list[int], params: SamplingParams) -> list:
     events: list = []
     row = _Row(GenRequest([0], None, params, events.append), torch.Generator())
     for token in tokens:
+        if params.logprobs is not None:  # as the cohort's `take` scores each token first
+            row.logprobs.append(TokenLogprob(token, -float(token)))
         if not _advance(lm, row, token, stop_ids={999}):
             break
     return events
@@ -56,3 +58,20 @@ def test_an_end_token_in_the_middle_of_a_character_leaves_it_out():
     tokens = [*byte_tokenizer()("a😀")["input_ids"][:3], 999]
     final = decode_into_events(tokens, SamplingParams(max_tokens=10))[-1]
     assert final.finish_reason == "stop" and final.text == "a"
+
+
+def test_each_streamed_piece_carries_the_logprobs_of_the_tokens_it_came_from():
+    tokens = byte_tokenizer()("a😀b")["input_ids"]
+    events = decode_into_events([*tokens, 999], SamplingParams(max_tokens=10, logprobs=0))
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert [(d.text, [e.token for e in d.logprobs]) for d in deltas] == [
+        ("a", tokens[:1]),
+        ("😀", tokens[1:5]),
+        ("b", tokens[5:]),  # the end token's left out
+    ]
+    assert [e.token for e in events[-1].logprobs] == tokens
+    cut = decode_into_events(tokens[:3], SamplingParams(max_tokens=3, logprobs=0))
+    assert [(d.text, len(d.logprobs)) for d in cut if isinstance(d, TextDelta)] == [
+        ("a", 1),
+        ("", 2),  # the cut character brings no text, its tokens' logprobs still go out
+    ]

@@ -184,6 +184,17 @@ def test_a_low_rank_dinm_version_is_served_by_vllm_as_by_the_builtin_engine(
     body = {"model": "lowrank", "prompt": ["Name a red fruit.", INSTANCE["question"]], "n": 2,
             "max_tokens": 8, "temperature": 0, "stream": True}  # fmt: skip
     assert _streamed_answers(detox, body) == _streamed_answers(builtin, body)
+    # Log-probabilities streamed chunk by chunk through vLLM: the whole answer's, in order.
+    scored = {"model": "lowrank", "prompt": "Name a red fruit.", "max_tokens": 8,
+              "temperature": 0, "logprobs": 2}  # fmt: skip
+    with detox.http() as http:
+        whole = http.post("/v1/completions", json=scored, timeout=300).json()["choices"][0]
+        response = http.post("/v1/completions", json=scored | {"stream": True}, timeout=300)
+    pieces = [json.loads(line[6:])["choices"] for line in response.text.splitlines()
+              if line.startswith("data: {")]  # fmt: skip
+    tokens = [t for choices in pieces for c in choices if c["logprobs"]
+              for t in c["logprobs"]["tokens"]]  # fmt: skip
+    assert tokens == whole["logprobs"]["tokens"] and len(tokens) >= 1
     assert "lowrank" in vllm.adapters()
     with detox.http() as http:
         ready = http.get("/readyz").json()["checks"]["engine"]
