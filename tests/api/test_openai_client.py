@@ -98,6 +98,18 @@ def test_openai_client_plain_and_streaming(base_url):
                 choice.delta.content or ""
             )
     assert streamed_choices == {0: text, 1: text}
+    scored_stream = client.chat.completions.create(
+        model="safe1", messages=messages, max_tokens=8, temperature=0, seed=1, logprobs=True,
+        top_logprobs=2, stream=True,
+    )  # fmt: skip
+    streamed_scores = [
+        entry.token
+        for chunk in scored_stream
+        for choice in chunk.choices
+        if choice.logprobs
+        for entry in choice.logprobs.content
+    ]
+    assert streamed_scores == [t.token for t in content]
 
 
 def test_openai_client_in_an_experiment(tmp_path):
