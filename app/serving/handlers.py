@@ -136,13 +136,7 @@ class OpenAIHandlers:
         """A completion prompt's token ids: its text encoded, or the ids it gave (checked)."""
         if isinstance(prompt, str):
             return self.engine.encode_text(prompt)
-        vocab = getattr(self.engine, "vocab_size", None)
-        beyond = [t for t in prompt if vocab is not None and t >= vocab]
-        if beyond:
-            raise InvalidParameterError(
-                f"prompt: token {beyond[0]} is beyond the model's vocabulary (0-{vocab - 1})",
-                "prompt",
-            )
+        self._check_vocabulary(prompt, "prompt")
         return list(prompt)
 
     def _top(self, entry: TokenLogprobEvent) -> list[tuple[str, float]]:
@@ -212,15 +206,19 @@ class OpenAIHandlers:
         else:
             results = await self.engine.complete_together(jobs)
         served.finished(results[0])
-        return respond(rid, created, target, results, _usage(prompts, results))
+        return respond(rid, created, target, results, _usage(dict(enumerate(results)), request.n))
 
     def _check_logit_bias(self, request: CompletionRequest | ChatCompletionRequest) -> None:
+        self._check_vocabulary([int(t) for t in request.logit_bias or {}], "logit_bias")
+
+    def _check_vocabulary(self, tokens: Sequence[int], param: str) -> None:
+        """Refuse token ids the model does not have (400 naming `param`)."""
         vocab = getattr(self.engine, "vocab_size", None)
-        beyond = [t for t in request.logit_bias or {} if vocab is not None and int(t) >= vocab]
+        beyond = [t for t in tokens if vocab is not None and t >= vocab]
         if beyond:
             raise InvalidParameterError(
-                f"logit_bias: token {beyond[0]} is beyond the model's vocabulary (0-{vocab - 1})",
-                "logit_bias",
+                f"{param}: token {beyond[0]} is beyond the model's vocabulary (0-{vocab - 1})",
+                param,
             )
 
     def _prepare(
@@ -332,9 +330,7 @@ class OpenAIHandlers:
                 yield sse({"error": {"message": message, "type": "internal_error",
                                      "param": None, "code": "generation_failed"}})  # fmt: skip
         if request.include_usage and finished:
-            prompts = {i // request.n: r.prompt_tokens for i, r in finished.items()}
-            completion = sum(r.completion_tokens for r in finished.values())
-            yield sse(usage_chunk(Usage.of(sum(prompts.values()), completion)))
+            yield sse(usage_chunk(_usage(finished, request.n)))
 
     # -- /v1/ab ----------------------------------------------------------------------------
 
@@ -417,9 +413,12 @@ class _Watcher:
                 yield event
 
 
-def _usage(prompts: list[list[int]], results: list[Finished]) -> Usage:
-    """A request's usage: each prompt counted once, every answer's tokens."""
-    return Usage.of(sum(len(ids) for ids in prompts), sum(r.completion_tokens for r in results))
+def _usage(answers: dict[int, Finished], n: int) -> Usage:
+    """A request's usage from its answers by index (`n` to a prompt, prompt by prompt): each
+    prompt counted once, every answer's tokens."""
+    prompts = {index // n: answer.prompt_tokens for index, answer in answers.items()}
+    completion = sum(answer.completion_tokens for answer in answers.values())
+    return Usage.of(sum(prompts.values()), completion)
 
 
 async def _merged(
@@ -427,7 +426,7 @@ async def _merged(
 ) -> AsyncIterator[tuple[int, Event]]:
     """Every stream's events as (its index, event), in the order they arrive; closing this
     closes them all (which cancels their requests)."""
-    if len(streams) == 1:
+    if len(streams) == 1:  # the usual request: no task and queue hop for every token
         async with aclosing(streams[0]):
             async for event in streams[0]:
                 yield 0, event

@@ -230,11 +230,12 @@ class VllmEngine(EngineBase):
                 async for chunk in _sse_chunks(response):
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices", ()):
+                        piece = choice.get("text") or ""
                         fresh = _logprobs(choice.get("logprobs"), params.logprobs)
                         logprobs += fresh
-                        if choice.get("text") or fresh:
-                            text.append(choice.get("text") or "")
-                            yield TextDelta(choice.get("text") or "", tuple(fresh))
+                        if piece or fresh:
+                            text.append(piece)
+                            yield TextDelta(piece, tuple(fresh))
                         finish = choice.get("finish_reason") or finish
         except httpx.TransportError as exc:
             self._registered.clear()  # it may come back empty: the next refresh re-registers
